@@ -1,0 +1,34 @@
+# Two entry points: `make demo` (the whole pipeline on scikit-learn's digits) and
+# `make test`. Both create .venv and install what they need on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# The torch build to install when the venv has none. Override to get another build,
+# e.g. `make TORCH=torch` or `make TORCH="torch --index-url <your index>"`.
+TORCH  ?= torch==2.13.0
+STAMP   = $(VENV)/.dtrak-installed
+
+.PHONY: install demo test test-all lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[test,clip,lora]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dtrak demo --out demo-run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ""
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf demo-run .pytest_cache

@@ -1,0 +1,1 @@
+"""dtrak: data attribution for diffusion models."""

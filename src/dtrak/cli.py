@@ -1,0 +1,151 @@
+"""The command line: ``dtrak STAGE ...``, ``dtrak run CONFIG --out RUN``, ``dtrak demo``.
+
+The only module that parses argv. Every command turns the library's errors into one clean
+line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import pipeline
+from .config import PRESETS, ConfigError, load_config
+
+log = logging.getLogger("dtrak")
+
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError, ConfigError)
+
+
+def _friendly(fn):
+    """Run a command; print library errors as one line and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _USER_ERRORS as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _common(fn):
+    """Options shared by every stage command."""
+    opts = [
+        click.option("--config", "-c", "config", default=None,
+                     help=f"preset ({', '.join(PRESETS)}), TOML file or config.json; "
+                          "default: the run's saved config"),
+        click.option("--out", "-o", "out", type=click.Path(file_okay=False), default=None,
+                     help="run directory"),
+        click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                     help="override a config value (repeatable)"),
+        click.option("--overwrite", is_flag=True,
+                     help="allow a changed config: recompute what the change affects"),
+        click.option("--quiet", "-q", is_flag=True, help="no progress bars"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _open(config, out, overrides, overwrite, quiet) -> pipeline.Run:
+    if out is None:
+        raise click.UsageError("--out RUN is required")
+    saved = Path(out) / "config.json"
+    if config is None and not saved.exists():
+        raise ConfigError(
+            f"{out} has no saved config; pass --config (a preset or a TOML file)"
+        )
+    cfg = load_config(config if config is not None else saved, list(overrides))
+    return pipeline.open_run(out, cfg, overwrite=overwrite, progress=not quiet)
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group()
+@click.option("--verbose", "-v", is_flag=True, help="debug logging")
+def main(verbose: bool) -> None:
+    """dtrak: data attribution for diffusion models (TRAK, D-TRAK, baselines, LDS)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    # diffusers and accelerate are chatty at INFO
+    for name in ("diffusers", "accelerate", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@main.command("data")
+@_common
+@click.option("--root", default=None, help="shorthand for --set data.root=PATH")
+@_friendly
+def data_cmd(config, out, overrides, overwrite, quiet, root):
+    """Resolve the data splits: sizes, class counts, preview grid (saved with --out)."""
+    overrides = list(overrides) + ([f'data.root="{root}"'] if root else [])
+    if out is None:
+        from .data import load_dataset
+
+        cfg = load_config(config, overrides)
+        _echo_json(load_dataset(cfg.data).summary())
+        return
+    run = _open(config, out, overrides, overwrite, quiet)
+    _echo_json(pipeline.stage_data(run))
+    click.echo(f"preview: {run.paths.data / 'preview.png'}")
+
+
+def _stage_command(name: str, help_text: str):
+    @_common
+    @_friendly
+    def cmd(config, out, overrides, overwrite, quiet):
+        run = _open(config, out, overrides, overwrite, quiet)
+        _echo_json(pipeline.STAGES[name](run))
+
+    cmd.__doc__ = help_text
+    return main.command(name)(cmd)
+
+
+_stage_command("train", "Train the full model (resumes from its last checkpoint).")
+_stage_command("generate", "Generate the sample set with per-image seeds (resumable).")
+
+
+@main.command("run")
+@click.argument("config")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+              help="run directory")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
+@click.option("--stages", default=None, help="comma-separated stages (default: the config's)")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True)
+@_friendly
+def run_cmd(config, out, overrides, stages, overwrite, quiet):
+    """Run every configured stage in order, skipping what is done."""
+    run = _open(config, out, overrides, overwrite, quiet)
+    chosen = tuple(s.strip() for s in stages.split(",")) if stages else None
+    pipeline.run_stages(run, chosen, echo=click.echo)
+    click.echo(f"run directory: {run.paths.root}")
+
+
+@main.command("demo")
+@click.option("--out", "-o", default="demo-run", type=click.Path(file_okay=False),
+              help="run directory (default: demo-run)")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True)
+@_friendly
+def demo_cmd(out, overrides, overwrite, quiet):
+    """The whole pipeline on scikit-learn's digits (no download needed)."""
+    run = _open("digits", out, overrides, overwrite, quiet)
+    pipeline.run_stages(run, None, echo=click.echo)
+    click.echo(f"run directory: {run.paths.root}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,519 @@
+"""Configuration: frozen dataclasses with help text and validation, presets, TOML/JSON I/O.
+
+A run is described by one :class:`Config`. Every stage reads the section it needs; the
+resolved config is saved as ``RUN/config.json`` and a stage asked to write into a run made
+with a different config refuses (see :func:`diff_configs`) unless told to overwrite.
+
+User configs are TOML files whose tables mirror the sections::
+
+    preset = "digits"          # optional: start from a preset, then override
+    [data]
+    name = "digits"
+    [train]
+    steps = 2000
+
+Overrides from the command line use dotted keys: ``--set train.steps=500``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "AttributionConfig",
+    "Config",
+    "ConfigError",
+    "CounterfactualConfig",
+    "DataConfig",
+    "LDSConfig",
+    "ModelConfig",
+    "SamplingConfig",
+    "TrainConfig",
+    "PRESETS",
+    "apply_overrides",
+    "diff_configs",
+    "from_dict",
+    "load_config",
+    "preset",
+    "save_config",
+    "to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the fix."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    """A dataclass field carrying its help text in the metadata."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = _help("data set: digits, cifar10, cifar2, celeba, artbench, imagefolder", "digits")
+    root: str | None = _help(
+        "path to the data (image-folder tree, cifar-10-python.tar.gz, CelebA folder); "
+        "not needed for digits",
+        None,
+    )
+    resolution: int | None = _help("resize images to this side length (None: native)", None)
+    classes: tuple[str, ...] | None = _help(
+        "restrict to these class names (cifar2 = automobile, horse)", None
+    )
+    train_size: int | None = _help(
+        "stratified training subset size (random_state = split_seed); None: all", None
+    )
+    val_size: int | None = _help(
+        "stratified validation subset size drawn from the held-out split; None: all", None
+    )
+    split_seed: int = _help("random_state of the stratified splits (paper: 42)", 42)
+    download: bool = _help("download CIFAR-10 (checksum verified) if not found at root", False)
+    cache_dir: str | None = _help("where downloads are kept (default ~/.cache/dtrak)", None)
+
+    def validate(self) -> None:
+        _check(bool(self.name), "data.name", "must name a data set")
+        if self.resolution is not None:
+            _check(self.resolution >= 4, "data.resolution", "must be at least 4 pixels")
+        for key in ("train_size", "val_size"):
+            v = getattr(self, key)
+            if v is not None:
+                _check(v >= 2, f"data.{key}", "must be at least 2 (or omitted for all)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = _help(
+        "UNet preset: tiny, digits, cifar-cpu, cifar (paper, ~36M), celeba (paper, ~114M)",
+        "digits",
+    )
+    block_out_channels: tuple[int, ...] | None = _help("override the preset's channels", None)
+    layers_per_block: int | None = _help("override the preset's layers per block", None)
+    attention_levels: tuple[int, ...] | None = _help(
+        "override which resolution levels (0 = highest) carry self-attention", None
+    )
+    dropout: float = _help("dropout in the ResNet blocks (paper: 0.1)", 0.1)
+    num_train_timesteps: int = _help("diffusion steps T (paper: 1000)", 1000)
+    beta_start: float = _help("first beta of the linear schedule", 1e-4)
+    beta_end: float = _help("last beta of the linear schedule", 0.02)
+
+    def validate(self) -> None:
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _check(self.num_train_timesteps >= 2, "model.num_train_timesteps", "must be >= 2")
+        _check(0 < self.beta_start < self.beta_end < 1, "model.beta_start/beta_end",
+               "need 0 < beta_start < beta_end < 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int | None = _help("optimizer steps; None: derive from epochs", None)
+    epochs: int = _help("epochs when steps is None (paper: 200)", 200)
+    batch_size: int = _help("batch size (paper: 128)", 128)
+    lr: float = _help("AdamW learning rate (paper: 1e-4)", 1e-4)
+    adam_beta1: float = _help("AdamW beta1 (paper: 0.95)", 0.95)
+    adam_beta2: float = _help("AdamW beta2 (paper: 0.999)", 0.999)
+    weight_decay: float = _help("AdamW weight decay (paper: 1e-6)", 1e-6)
+    warmup_frac: float = _help("linear warmup as a fraction of all steps (paper: 0.1)", 0.1)
+    grad_clip: float = _help("gradient-norm clip (paper: 1.0)", 1.0)
+    hflip: bool = _help("random horizontal flip (paper: yes; off for digits)", True)
+    seed: int = _help("training seed of the full model (paper: 42)", 42)
+    checkpoint_every: int = _help("save a checkpoint every N steps (kept, for TracIn)", 500)
+    mixed_precision: str = _help("accelerate mixed precision: no, fp16, bf16 (paper: no)", "no")
+    common_init: bool = _help(
+        "common random numbers: every subset model starts from the same initialisation and "
+        "draws the same timestep/noise stream (raises the seed-to-seed ceiling)",
+        False,
+    )
+
+    def validate(self) -> None:
+        if self.steps is not None:
+            _check(self.steps >= 1, "train.steps", "must be >= 1")
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(0 <= self.warmup_frac < 1, "train.warmup_frac", "must be in [0, 1)")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _check(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision",
+               "must be one of no, fp16, bf16")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    n_images: int = _help("number of generated images (paper: 1000)", 1000)
+    sampler: str = _help("ddim or ddpm", "ddim")
+    steps: int = _help("sampling steps (paper: DDIM 50)", 50)
+    eta: float = _help("DDIM eta (paper: 0)", 0.0)
+    gen_seed: int = _help("image i is seeded with 1000 * gen_seed + i", 0)
+    batch_size: int = _help("images per batch (results do not depend on it)", 64)
+    save_trajectory: bool = _help(
+        "keep the predicted clean image at every step (needed by Journey TRAK)", True
+    )
+
+    def validate(self) -> None:
+        _check(self.n_images >= 1, "sampling.n_images", "must be >= 1")
+        _check(self.sampler in ("ddim", "ddpm"), "sampling.sampler", "must be ddim or ddpm")
+        _check(self.steps >= 1, "sampling.steps", "must be >= 1")
+        _check(self.batch_size >= 1, "sampling.batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    outputs: tuple[str, ...] = _help(
+        "output functions to featurize (loss = TRAK, square = D-TRAK; also elbo, avg, l1, "
+        "l2, linf)",
+        ("loss", "square"),
+    )
+    timesteps: str = _help("timestep schedule: uniform, cumulative, random", "uniform")
+    n_timesteps: int = _help("K, timesteps per example (paper: 10, 100, 1000)", 10)
+    proj_dim: int = _help("projection dimension k (paper: 4096 / 32768)", 4096)
+    projector: str = _help("gaussian, rademacher, srht (fast), sjlt, none (exact kernel)", "gaussian")
+    proj_seed: int = _help("projection seed", 0)
+    noise_seed: int = _help("seed of the per-(example, timestep) noise", 0)
+    batch_size: int = _help("examples per gradient batch (results do not depend on it)", 16)
+    methods: tuple[str, ...] = _help("score methods to compute", ("trak", "dtrak"))
+    lambdas: str = _help(
+        "lambda grid: paper ({1,2,5} x 10^-2..10^6, absolute) or relative "
+        "(the grid times trace(Phi^T Phi)/N)",
+        "relative",
+    )
+    targets: tuple[str, ...] = _help("target sets to score: val, gen", ("val", "gen"))
+    n_targets: int | None = _help("use the first n targets of each set (None: all)", None)
+    checkpoints: tuple[int, ...] | None = _help(
+        "training steps whose checkpoints TracIn averages (None: 4 evenly spaced)", None
+    )
+    clip_path: str | None = _help("local directory of a CLIP model (for clip baselines)", None)
+
+    def validate(self) -> None:
+        _check(len(self.outputs) >= 1, "attribution.outputs", "name at least one")
+        _check(self.timesteps in ("uniform", "cumulative", "random"), "attribution.timesteps",
+               "must be uniform, cumulative or random")
+        _check(self.n_timesteps >= 1, "attribution.n_timesteps", "must be >= 1")
+        _check(self.proj_dim >= 1, "attribution.proj_dim", "must be >= 1")
+        _check(self.batch_size >= 1, "attribution.batch_size", "must be >= 1")
+        _check(self.lambdas in ("paper", "relative"), "attribution.lambdas",
+               "must be paper or relative")
+
+
+@dataclass(frozen=True)
+class LDSConfig:
+    n_subsets: int = _help("M, random subsets (paper: 64)", 64)
+    alpha: float = _help("subset fraction (paper: 0.5)", 0.5)
+    seed_base: int = _help("subset m is drawn with random_state seed_base + 2m", 42)
+    seeds: tuple[int, ...] = _help("training seeds per subset (paper: 0, 1, 2)", (0, 1, 2))
+    eval_timesteps: int = _help("timesteps of the ground-truth loss (paper: all 1000)", 1000)
+    noise_seeds: tuple[int, ...] = _help("noise seeds of the ground truth (paper: 3)", (0, 1, 2))
+    n_boot: int = _help("bootstrap resamples for the 95% interval", 1000)
+    workers: int = _help("parallel training processes (one torch thread each)", 1)
+
+    def validate(self) -> None:
+        _check(self.n_subsets >= 2, "lds.n_subsets", "must be >= 2")
+        _check(0 < self.alpha < 1, "lds.alpha", "must be in (0, 1)")
+        _check(len(self.seeds) >= 1, "lds.seeds", "name at least one seed")
+        _check(self.eval_timesteps >= 1, "lds.eval_timesteps", "must be >= 1")
+        _check(self.workers >= 1, "lds.workers", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class CounterfactualConfig:
+    n_targets: int = _help("generated targets (paper: 60)", 60)
+    remove: float = _help("top-k removed: a count (>= 1) or a fraction (< 1) (paper: 1000)", 1000)
+    methods: tuple[str, ...] = _help("methods compared", ("random", "trak", "dtrak"))
+    seed: int = _help("seed of the retrained models and of the target choice (paper: 42)", 42)
+
+    def validate(self) -> None:
+        _check(self.n_targets >= 1, "counterfactual.n_targets", "must be >= 1")
+        _check(self.remove > 0, "counterfactual.remove", "must be > 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = _help("a name for the run", "run")
+    stages: tuple[str, ...] = _help(
+        "stages that `dtrak run` executes in order",
+        ("data", "train", "generate"),
+    )
+    torch_threads: int | None = _help("torch intra-op threads (None: torch's default)", None)
+    data: DataConfig = _help("data set and splits", factory=DataConfig)
+    model: ModelConfig = _help("UNet and noise schedule", factory=ModelConfig)
+    train: TrainConfig = _help("training recipe", factory=TrainConfig)
+    sampling: SamplingConfig = _help("generation", factory=SamplingConfig)
+    attribution: AttributionConfig = _help("features and scores", factory=AttributionConfig)
+    lds: LDSConfig = _help("linear datamodeling score", factory=LDSConfig)
+    counterfactual: CounterfactualConfig = _help(
+        "counterfactual evaluation", factory=CounterfactualConfig
+    )
+
+    def validate(self) -> Config:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if dataclasses.is_dataclass(v):
+                v.validate()
+        return self
+
+
+
+
+# ----------------------------------------------------------------------------- dict I/O
+
+
+def to_dict(cfg: Any) -> dict:
+    """A JSON-able dict of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _coerce(value: Any, f: dataclasses.Field, key: str) -> Any:
+    """Coerce a TOML/JSON value to the field's declared type (str annotations)."""
+    t = str(f.type)
+    if value is None:
+        if "None" not in t:
+            raise ConfigError(f"{key}: may not be empty")
+        return None
+    if t.startswith("tuple"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = "int" if "tuple[int" in t else ("str" if "tuple[str" in t else None)
+        try:
+            return tuple(int(v) if inner == "int" else v for v in value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{key}: expected a list of integers, got {value!r}") from e
+    base = t.replace(" | None", "")
+    try:
+        if base == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if base == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if base == "float":
+            return float(value)
+        if base == "str":
+            return str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key}: expected {base}, got {value!r}") from e
+    return value
+
+
+def _section_from_dict(cls: type, d: dict, prefix: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}"
+        )
+    kwargs = {k: _coerce(v, known[k], f"{prefix}.{k}") for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def from_dict(d: dict, base: Config | None = None) -> Config:
+    """Build a Config from a nested dict, starting from ``base`` (default: Config())."""
+    cfg = base or Config()
+    d = dict(d)
+    d.pop("preset", None)
+    updates: dict[str, Any] = {}
+    sec_types = {f.name: f for f in fields(Config)}
+    for key, value in d.items():
+        if key not in sec_types:
+            raise ConfigError(
+                f"unknown config section or key {key!r}; known: {', '.join(sec_types)}"
+            )
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a table of keys, got {value!r}")
+            merged = {**to_dict(current), **value}
+            updates[key] = _section_from_dict(type(current), merged, key)
+        else:
+            updates[key] = _coerce(value, sec_types[key], key)
+    return dataclasses.replace(cfg, **updates).validate()
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``section.key=value`` strings (values parsed as TOML, else taken as text)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        parts = key.strip().split(".")
+        if len(parts) == 1:
+            nested[parts[0]] = value
+        elif len(parts) == 2:
+            nested.setdefault(parts[0], {})[parts[1]] = value
+        else:
+            raise ConfigError(f"override key {key!r} must be section.key")
+    return from_dict(nested, cfg)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def _digits() -> Config:
+    return Config(
+        name="digits",
+        torch_threads=None,
+        data=DataConfig(name="digits", resolution=None, train_size=500, val_size=200),
+        model=ModelConfig(preset="digits", dropout=0.0),
+        train=TrainConfig(steps=3000, batch_size=64, lr=1e-3, hflip=False,
+                          checkpoint_every=750, seed=42),
+        sampling=SamplingConfig(n_images=200, steps=50, batch_size=100),
+        attribution=AttributionConfig(outputs=("loss", "square"), n_timesteps=10,
+                                      proj_dim=2048, projector="gaussian", batch_size=32,
+                                      n_targets=100),
+        lds=LDSConfig(n_subsets=24, seeds=(0,), eval_timesteps=100, noise_seeds=(0,),
+                      n_boot=500, workers=2),
+        counterfactual=CounterfactualConfig(n_targets=10, remove=100),
+    )
+
+
+def _tiny() -> Config:
+    return Config(
+        name="tiny",
+        data=DataConfig(name="digits", resolution=8, train_size=64, val_size=16),
+        model=ModelConfig(preset="tiny", dropout=0.0),
+        train=TrainConfig(steps=40, batch_size=16, lr=2e-3, hflip=False, checkpoint_every=10),
+        sampling=SamplingConfig(n_images=8, steps=5, batch_size=4),
+        attribution=AttributionConfig(outputs=("loss", "square"), n_timesteps=3,
+                                      proj_dim=64, projector="gaussian", batch_size=8),
+        lds=LDSConfig(n_subsets=4, seeds=(0,), eval_timesteps=5, noise_seeds=(0,),
+                      n_boot=50, workers=1),
+        counterfactual=CounterfactualConfig(n_targets=2, remove=8),
+    )
+
+
+def _cifar2_cpu() -> Config:
+    return Config(
+        name="cifar2-cpu",
+        data=DataConfig(name="cifar2", resolution=16, train_size=1000, val_size=200),
+        model=ModelConfig(preset="cifar-cpu", dropout=0.1),
+        train=TrainConfig(steps=4000, batch_size=64, lr=5e-4, hflip=True, checkpoint_every=1000),
+        sampling=SamplingConfig(n_images=200, steps=50, batch_size=100),
+        attribution=AttributionConfig(outputs=("loss", "square"), n_timesteps=10,
+                                      proj_dim=4096, projector="srht", batch_size=16,
+                                      n_targets=100),
+        lds=LDSConfig(n_subsets=24, seeds=(0,), eval_timesteps=100, noise_seeds=(0,),
+                      n_boot=500, workers=2),
+        counterfactual=CounterfactualConfig(n_targets=10, remove=200),
+    )
+
+
+def _cifar2() -> Config:
+    return Config(
+        name="cifar2",
+        data=DataConfig(name="cifar2", train_size=5000, val_size=1000),
+        model=ModelConfig(preset="cifar"),
+        train=TrainConfig(epochs=200, batch_size=128),
+        sampling=SamplingConfig(n_images=1000),
+        attribution=AttributionConfig(proj_dim=32768, projector="gaussian"),
+        lds=LDSConfig(),
+        counterfactual=CounterfactualConfig(),
+    )
+
+
+def _cifar10() -> Config:
+    c = _cifar2()
+    return dataclasses.replace(
+        c, name="cifar10", data=DataConfig(name="cifar10", train_size=None, val_size=1000)
+    )
+
+
+def _celeba() -> Config:
+    c = _cifar2()
+    return dataclasses.replace(
+        c,
+        name="celeba",
+        data=DataConfig(name="celeba", resolution=64, train_size=5000, val_size=1000),
+        model=ModelConfig(preset="celeba"),
+    )
+
+
+PRESETS = {
+    "digits": _digits,
+    "tiny": _tiny,
+    "cifar2-cpu": _cifar2_cpu,
+    "cifar2": _cifar2,
+    "cifar10": _cifar10,
+    "celeba": _celeba,
+}
+
+
+def preset(name: str) -> Config:
+    """A named preset (see PRESETS)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]().validate()
+
+
+def load_config(source: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve a config from a preset name, a TOML file or a saved config.json, plus overrides.
+
+    A TOML file may start from a preset with ``preset = "name"``.
+    """
+    if source is None:
+        cfg = preset("digits")
+    elif str(source) in PRESETS:
+        cfg = preset(str(source))
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ConfigError(
+                f"config {str(source)!r} is neither a preset ({', '.join(PRESETS)}) "
+                "nor an existing file"
+            )
+        text = path.read_text()
+        try:
+            d = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{path}: cannot parse: {e}") from e
+        base = preset(d["preset"]) if "preset" in d else Config()
+        cfg = from_dict(d, base)
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def diff_configs(a: Config | dict, b: Config | dict, sections: tuple[str, ...] | None = None
+                 ) -> list[str]:
+    """Dotted keys whose values differ between two configs (optionally only some sections)."""
+    fa = _flatten(a if isinstance(a, dict) else to_dict(a))
+    fb = _flatten(b if isinstance(b, dict) else to_dict(b))
+    keys = sorted(set(fa) | set(fb))
+    if sections is not None:
+        keys = [k for k in keys if k.split(".")[0] in sections]
+    return [k for k in keys if fa.get(k) != fb.get(k)]

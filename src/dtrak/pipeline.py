@@ -1,0 +1,236 @@
+"""Stages of a run: thin wrappers that resolve paths, check the saved config, write outputs.
+
+Each stage is a plain function of a :class:`Run` (a run directory and its resolved config)
+and skips what is already done, so ``dtrak run`` can be interrupted and started again.
+The computing cores live in their own modules (data, train, sampling, featurize, scoring,
+lds); tests call those directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import Config, diff_configs, load_config, save_config
+from .data import Dataset, load_dataset, save_split_indices
+from .images import save_grid, save_pngs
+from .model import count_parameters, load_unet
+from .paths import RunPaths
+from .sampling import sample_images
+from .train import train_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Run", "RunConfigError", "open_run", "STAGES", "run_stages"]
+
+
+class RunConfigError(ValueError):
+    """A run directory holds results of a different configuration."""
+
+
+# Which outputs become stale when a config section changes (used by --overwrite).
+_DEPENDENTS = {
+    "data": ("data", "model", "gen", "features", "scores", "lds", "results", "counterfactual",
+             "report"),
+    "model": ("model", "gen", "features", "scores", "lds", "results", "counterfactual", "report"),
+    "train": ("model", "gen", "features", "scores", "lds", "results", "counterfactual", "report"),
+    "sampling": ("gen", "features", "scores", "results", "counterfactual", "report"),
+    "attribution": ("features", "scores", "results", "counterfactual", "report"),
+    "lds": ("lds", "results", "report"),
+    "counterfactual": ("counterfactual", "report"),
+}
+
+
+@dataclass
+class Run:
+    """A run directory and its resolved config. Stages read and write through ``paths``."""
+
+    paths: RunPaths
+    cfg: Config
+    progress: bool = True
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        ds = load_dataset(self.cfg.data)
+        if self.paths.splits.exists():
+            saved = json.loads(self.paths.splits.read_text())
+            if list(saved["train"]) != ds.train.source_indices.tolist():
+                raise RunConfigError(
+                    f"the training split of {self.paths.root} differs from the one saved in "
+                    f"{self.paths.splits} (data changed on disk?); use a new run directory"
+                )
+        return ds
+
+    def model(self):
+        """The trained full model (eval mode)."""
+        unet_dir = self.paths.model / "unet"
+        if not unet_dir.exists():
+            raise FileNotFoundError(
+                f"no trained model in {self.paths.model}; run `dtrak train --out "
+                f"{self.paths.root}` first"
+            )
+        return load_unet(unet_dir)
+
+
+def open_run(out: str | Path, cfg: Config | None = None, overwrite: bool = False,
+             progress: bool = True) -> Run:
+    """Open (or create) the run at ``out``.
+
+    With ``cfg`` None the saved config is used. A different ``cfg`` for an existing run is
+    refused with the list of differing keys, unless ``overwrite``: then the outputs that
+    depend on the changed sections are deleted and the new config is saved.
+    """
+    paths = RunPaths(Path(out))
+    if cfg is None:
+        if not paths.config.exists():
+            raise FileNotFoundError(
+                f"{paths.root} is not a run directory (no config.json); give a config, "
+                "e.g. `dtrak run configs/tiny.toml --out RUN`"
+            )
+        cfg = load_config(paths.config)
+    if paths.config.exists():
+        saved = json.loads(paths.config.read_text())
+        diff = diff_configs(saved, cfg)
+        if diff:
+            if not overwrite:
+                raise RunConfigError(
+                    f"{paths.root} was made with a different config (keys: {', '.join(diff)}); "
+                    "use another --out directory, or --overwrite to recompute what they affect"
+                )
+            _remove_stale(paths, diff)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, paths.config)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    return Run(paths, cfg, progress)
+
+
+def _remove_stale(paths: RunPaths, diff: list[str]) -> None:
+    sections = {k.split(".")[0] for k in diff}
+    stale = sorted({d for s in sections for d in _DEPENDENTS.get(s, ())})
+    for name in stale:
+        target = paths.root / name
+        if target.exists():
+            log.warning("config changed (%s): removing %s", ", ".join(sorted(sections)), target)
+            shutil.rmtree(target)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_data(run: Run) -> dict:
+    """Resolve the splits, save their indices, a summary and a preview grid."""
+    ds = run.dataset
+    run.paths.data.mkdir(parents=True, exist_ok=True)
+    if not run.paths.splits.exists():
+        save_split_indices(ds, run.paths.splits)
+    summary = ds.summary()
+    (run.paths.data / "summary.json").write_text(json.dumps(summary, indent=2))
+    preview = run.paths.data / "preview.png"
+    if not preview.exists():
+        save_grid(ds.train.images[:64], preview, nrow=8)
+    return summary
+
+
+def stage_train(run: Run) -> dict:
+    """Train the full model on the whole training split (resumes from checkpoints)."""
+    ds = run.dataset
+    res = train_model(ds.train.images, run.cfg.model, run.cfg.train, run.paths.model,
+                      progress=run.progress, desc="train full model")
+    model = run.model()
+    return {"steps": res.steps, "final_loss": res.final_loss,
+            "steps_per_second": res.steps_per_second,
+            "parameters": count_parameters(model)}
+
+
+def generate_into(model, run_cfg: Config, directory: Path, n: int, progress: bool = True,
+                  desc: str = "generate", keep_trajectory: bool | None = None) -> np.ndarray:
+    """Generate images 0..n-1 into ``directory`` (resumable by batch); returns [n, C, H, W]."""
+    sc = run_cfg.sampling
+    keep = sc.save_trajectory if keep_trajectory is None else keep_trajectory
+    directory.mkdir(parents=True, exist_ok=True)
+    c, s = model.config.in_channels, model.config.sample_size
+    imgs = _memmap(directory / "images.npy", (n, c, s, s), np.float32)
+    done = _memmap(directory / "done.npy", (n,), np.uint8)
+    traj = (_memmap(directory / "trajectory.npy", (n, sc.steps, c, s, s), np.float16)
+            if keep else None)
+    todo = np.flatnonzero(done == 0)
+    bar = tqdm(total=n, initial=n - len(todo), desc=desc, disable=not progress, leave=False)
+    for start in range(0, len(todo), sc.batch_size):
+        ids = todo[start:start + sc.batch_size]
+        out = sample_images(model, run_cfg.model, sc, [int(i) for i in ids], keep)
+        imgs[ids] = out.images.numpy()
+        if traj is not None:
+            traj[ids] = out.trajectory.numpy().astype(np.float16)
+            traj.flush()
+        imgs.flush()
+        done[ids] = 1
+        done.flush()
+        bar.update(len(ids))
+    bar.close()
+    meta = {"n": n, "sampler": sc.sampler, "steps": sc.steps, "eta": sc.eta,
+            "gen_seed": sc.gen_seed, "seed_rule": "image i: 1000 * gen_seed + i",
+            "timesteps": out.timesteps.tolist() if len(todo) else None}
+    meta_path = directory / "meta.json"
+    if len(todo) or not meta_path.exists():
+        if meta["timesteps"] is None:
+            meta.pop("timesteps")
+        meta_path.write_text(json.dumps(meta, indent=2))
+    return np.array(imgs)
+
+
+def _memmap(path: Path, shape: tuple, dtype) -> np.memmap:
+    if path.exists():
+        arr = np.load(path, mmap_mode="r+")
+        if arr.shape != tuple(shape):
+            raise RunConfigError(f"{path} has shape {arr.shape}, expected {shape}; "
+                                 "remove it or use --overwrite")
+        return arr
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+
+
+def stage_generate(run: Run) -> dict:
+    """Generate the run's sample set: images.npy, PNG files and a grid."""
+    model = run.model()
+    n = run.cfg.sampling.n_images
+    images = generate_into(model, run.cfg, run.paths.gen, n, run.progress)
+    png_dir = run.paths.gen / "png"
+    if not (png_dir / f"{n - 1:06d}.png").exists():
+        save_pngs(torch.from_numpy(images), png_dir)
+    save_grid(torch.from_numpy(images[:100]), run.paths.gen / "grid.png", nrow=10)
+    return {"n_images": n, "grid": str(run.paths.gen / "grid.png")}
+
+
+STAGES: dict[str, Callable[[Run], dict]] = {
+    "data": stage_data,
+    "train": stage_train,
+    "generate": stage_generate,
+}
+
+
+def run_stages(run: Run, stages: tuple[str, ...] | None = None,
+               echo: Callable[[str], None] = log.info) -> dict[str, dict]:
+    """Run the configured stages in order; each skips what is already done."""
+    stages = stages or run.cfg.stages
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
+    results = {}
+    for name in stages:
+        echo(f"[{name}]")
+        results[name] = STAGES[name](run)
+        echo(f"[{name}] {json.dumps(results[name], default=str)}")
+    (run.paths.root / "stages.json").write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+

@@ -1,0 +1,614 @@
+"""Scores: kernel solves, the lambda sweep, and every attribution method as a registry.
+
+Sign convention (the whole package follows it): a score ``tau[x, z] > 0`` means training
+example ``z`` *helps* target ``x``, i.e. including ``z`` lowers the model's loss on ``x``.
+Every method returns a ``[M targets, N train]`` float32 matrix with that convention, and its
+registry entry (:data:`METHODS`) carries a ``sign`` note saying why.
+
+TRAK / D-TRAK (SPEC section 4)::
+
+    tau(x) = phi(x)^T (Phi^T Phi + lam I)^-1 Phi^T          # a row of N scores
+
+with ``Phi`` the ``[N, k]`` training features. :class:`KernelSolver` factorises the smaller
+of the primal Gram ``Phi^T Phi`` (k x k) and the dual Gram ``Phi Phi^T`` (N x N) once, with a
+symmetric eigendecomposition in float64; every lambda after that costs two matrix products.
+Both forms reduce to ``tau = (phi_x A) diag(1 / (S + lam)) B^T``:
+
+- primal, ``Phi^T Phi = V S V^T``:  ``A = V``,           ``B = Phi V``;
+- dual,   ``Phi Phi^T = U S U^T``:  ``A = Phi^T U``,     ``B = U``
+
+(the dual uses ``(Phi^T Phi + lam I)^-1 Phi^T = Phi^T (Phi Phi^T + lam I)^-1``).
+:func:`solve_reference` is the plain ``np.linalg.solve`` oracle the fast path is tested
+against.
+
+Lambda. The paper grid is :data:`PAPER_LAMBDAS` ({1, 2, 5} x 10^e, e = -2..6), absolute.
+Small prototypes (SPEC section 7) found that the best lambda differs by orders of magnitude
+between output functions (about 0.1 x trace/N for the loss, 1e-3..1e-4 x trace/N for the D-TRAK
+functions), so :func:`lambda_grid` also offers a *relative* grid: {1, 2, 5} x 10^e for
+e = -6..1, times ``KernelSolver.trace_scale = trace(Phi^T Phi) / N``. Select lambda per method
+(see :func:`dtrak.lds.select_lambda`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+__all__ = [
+    "METHODS",
+    "PAPER_LAMBDAS",
+    "RELATIVE_LAMBDAS",
+    "KernelSolver",
+    "ScoreMethod",
+    "choose_form",
+    "cosine_scores",
+    "datamodel_scores",
+    "dot_scores",
+    "empirical_influence",
+    "ensemble_average",
+    "get_method",
+    "lambda_grid",
+    "random_scores",
+    "register_method",
+    "relative_influence",
+    "renormalized_influence",
+    "solve_reference",
+    "tracin_scores",
+    "trak_scores",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _decade_grid(exponents: Sequence[int], mantissas: Sequence[float]) -> tuple[float, ...]:
+    return tuple(float(m) * 10.0**e for e in exponents for m in mantissas)
+
+
+#: The paper's lambda grid: {1, 2, 5} x 10^e for e = -2..6 (27 values, absolute).
+PAPER_LAMBDAS: tuple[float, ...] = _decade_grid(range(-2, 7), (1, 2, 5))
+#: The default relative grid: {1, 2, 5} x 10^e for e = -6..1 (24 values), times trace/N.
+RELATIVE_LAMBDAS: tuple[float, ...] = _decade_grid(range(-6, 2), (1, 2, 5))
+
+
+def lambda_grid(
+    scale: str = "absolute",
+    trace_scale: float | None = None,
+    exponents: Sequence[int] | None = None,
+    mantissas: Sequence[float] = (1.0, 2.0, 5.0),
+) -> np.ndarray:
+    """Return a lambda grid, ascending, as a float64 array ``[L]``.
+
+    Args:
+        scale: ``"absolute"`` (alias ``"paper"``): the values themselves, by default the
+            paper's :data:`PAPER_LAMBDAS`. ``"relative"``: the values times ``trace_scale``
+            (the kernel's scale ``trace(Phi^T Phi) / N``, :attr:`KernelSolver.trace_scale`),
+            by default :data:`RELATIVE_LAMBDAS` (e = -6..1). Relative is the better default
+            because the best lambda moves by orders of magnitude between output functions
+            (about 0.1 x trace/N for ``loss``, 1e-3..1e-4 x trace/N for D-TRAK functions).
+        trace_scale: required for ``"relative"``; must be > 0.
+        exponents: decades e of the grid {mantissas} x 10^e (default: per scale, see above).
+        mantissas: the values within a decade.
+    """
+    if scale in ("absolute", "paper"):
+        exps = range(-2, 7) if exponents is None else exponents
+        grid = np.array(_decade_grid(exps, mantissas))
+    elif scale == "relative":
+        if trace_scale is None or not np.isfinite(trace_scale) or trace_scale <= 0:
+            raise ValueError(
+                f"lambda_grid('relative') needs trace_scale > 0, got {trace_scale!r}; "
+                "pass KernelSolver(train_features).trace_scale"
+            )
+        exps = range(-6, 2) if exponents is None else exponents
+        grid = np.array(_decade_grid(exps, mantissas)) * float(trace_scale)
+    else:
+        raise ValueError(
+            f"unknown lambda scale {scale!r}; use 'absolute' (or 'paper') or 'relative'"
+        )
+    if grid.size == 0:
+        raise ValueError("the lambda grid is empty; pass at least one exponent and mantissa")
+    return np.sort(grid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_matrix(x: np.ndarray, name: str, dtype: type = np.float64) -> np.ndarray:
+    """Check that ``x`` is a finite 2-D array and return it as ``dtype``."""
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array [rows, features], got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape}); pass at least one row and column")
+    arr = arr.astype(dtype, copy=False)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or inf; check the features that produced it")
+    return arr
+
+
+def _check_lam(lam: float) -> float:
+    lam = float(lam)
+    if not np.isfinite(lam) or lam < 0:
+        raise ValueError(f"lambda must be a finite number >= 0, got {lam!r}")
+    return lam
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel solver
+# ---------------------------------------------------------------------------------------------
+
+
+def choose_form(n: int, k: int) -> str:
+    """The cheaper factorisation for ``N`` examples of ``k`` features: ``"primal"`` iff k <= N.
+
+    Both forms cost one Gram product (N k min(N, k)), one eigh (min(N, k)^3) and one
+    basis change (N k min(N, k)), so the smaller Gram wins.
+    """
+    return "primal" if k <= n else "dual"
+
+
+def _eigh(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric eigendecomposition of a finite float64 Gram (overwritten to save memory)."""
+    return scipy.linalg.eigh(gram, overwrite_a=True, check_finite=False)
+
+
+class KernelSolver:
+    """Factorise the TRAK kernel once, then score any targets at any lambda.
+
+    Args:
+        train_features: ``Phi``, ``[N, k]`` training features (any float dtype; the solver
+            works in float64).
+        form: ``"primal"`` factorises ``Phi^T Phi`` (k x k), ``"dual"`` factorises
+            ``Phi Phi^T`` (N x N), ``"auto"`` picks the smaller (primal when ``k <= N``).
+
+    Attributes:
+        n: N, the number of training examples.
+        k: the feature dimension.
+        form: the form used, ``"primal"`` or ``"dual"``.
+        rank_dim: r = k (primal) or N (dual), the number of eigenvalues.
+        eigenvalues: ``[r]`` float64, the Gram's eigenvalues (ascending, clipped at 0).
+        trace_scale: ``trace(Phi^T Phi) / N`` = mean squared feature norm, the kernel's scale
+            (multiply a relative lambda by it).
+    """
+
+    def __init__(self, train_features: np.ndarray, form: str = "auto") -> None:
+        phi = _as_matrix(train_features, "train_features")
+        if form not in ("auto", "primal", "dual"):
+            raise ValueError(f"unknown form {form!r}; use 'auto', 'primal' or 'dual'")
+        self.n, self.k = phi.shape
+        self.form = choose_form(self.n, self.k) if form == "auto" else form
+        if self.form == "primal":
+            evals, vecs = _eigh(phi.T @ phi)
+            self._a, self._b = vecs, phi @ vecs
+        else:
+            evals, vecs = _eigh(phi @ phi.T)
+            self._a, self._b = phi.T @ vecs, vecs
+        self.eigenvalues = np.clip(evals, 0.0, None)
+        self.rank_dim = self.eigenvalues.size
+        self.trace_scale = float(np.einsum("ij,ij->", phi, phi) / self.n)
+        # Eigenvalues below this count as zero (rank-deficient Gram).
+        self._tol = max(self.eigenvalues[-1], np.finfo(np.float64).tiny) * self.rank_dim * 1e-13
+        logger.debug("KernelSolver: N=%d k=%d form=%s", self.n, self.k, self.form)
+
+    def __repr__(self) -> str:
+        return f"KernelSolver(n={self.n}, k={self.k}, form={self.form!r})"
+
+    @property
+    def full_rank(self) -> bool:
+        """Whether the factorised Gram has no (numerically) zero eigenvalue."""
+        return bool(self.eigenvalues[0] > self._tol)
+
+    def _inverse_spectrum(self, lam: float) -> np.ndarray:
+        """``1 / (S + lam)`` as ``[r]``; refuses lam == 0 on a singular Gram."""
+        lam = _check_lam(lam)
+        if lam == 0 and not self.full_rank:
+            n_zero = int(np.sum(self.eigenvalues <= self._tol))
+            raise ValueError(
+                f"lambda = 0 needs a full-rank Gram, but the {self.form} Gram ({self.rank_dim} x "
+                f"{self.rank_dim}) has {n_zero} zero eigenvalue(s) (N={self.n}, k={self.k}); "
+                "use lambda > 0, or form='dual' when N < k"
+            )
+        return 1.0 / (self.eigenvalues + lam)
+
+    def project(self, target_features: np.ndarray) -> np.ndarray:
+        """Targets in the eigenbasis: ``phi_x A``, ``[M, k] -> [M, r]`` float64.
+
+        Compute it once and pass it to :meth:`scores_from_projection` to score many lambdas.
+        """
+        phi_x = _as_matrix(target_features, "target_features")
+        if phi_x.shape[1] != self.k:
+            raise ValueError(
+                f"target_features have {phi_x.shape[1]} features but the training features "
+                f"have {self.k}; featurize targets and training set with the same projector"
+            )
+        return phi_x @ self._a
+
+    def scores_from_projection(self, projected: np.ndarray, lam: float) -> np.ndarray:
+        """Scores from :meth:`project`'s output: ``[M, r] -> [M, N]`` float32."""
+        return ((projected * self._inverse_spectrum(lam)) @ self._b.T).astype(np.float32)
+
+    def scores(self, target_features: np.ndarray, lam: float) -> np.ndarray:
+        """TRAK scores ``phi_x (Phi^T Phi + lam I)^-1 Phi^T``: ``[M, k] -> [M, N]`` float32.
+
+        ``lam = 0`` is allowed only on a full-rank Gram; in the dual form with N < k it gives
+        the pseudo-inverse solution (the limit lam -> 0).
+        """
+        return self.scores_from_projection(self.project(target_features), lam)
+
+    def iter_sweep(
+        self, target_features: np.ndarray, lams: Sequence[float]
+    ) -> Iterator[tuple[float, np.ndarray]]:
+        """Yield ``(lam, scores [M, N] float32)`` for each lambda, projecting targets once."""
+        projected = self.project(target_features)
+        for lam in lams:
+            yield float(lam), self.scores_from_projection(projected, lam)
+
+    def sweep(self, target_features: np.ndarray, lams: Sequence[float]) -> np.ndarray:
+        """Scores at every lambda: ``[M, k] -> [L, M, N]`` float32 (one factorisation)."""
+        lams = list(lams)
+        if not lams:
+            raise ValueError("sweep needs at least one lambda")
+        out = np.empty((len(lams), len(target_features), self.n), dtype=np.float32)
+        for i, (_, s) in enumerate(self.iter_sweep(target_features, lams)):
+            out[i] = s
+        return out
+
+    def scores_blocks(
+        self, target_features: np.ndarray, lam: float, block_size: int
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield ``(start, stop, scores [stop - start, N] float32)`` over blocks of targets.
+
+        Memory stays bounded by ``block_size x max(N, r)`` whatever the number of targets;
+        ``target_features`` may be a memmap.
+        """
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self._inverse_spectrum(lam)  # validate lambda before the first block
+        for start in range(0, len(target_features), block_size):
+            stop = min(start + block_size, len(target_features))
+            yield start, stop, self.scores(np.asarray(target_features[start:stop]), lam)
+
+    def _train_in_eigenbasis(self) -> np.ndarray:
+        """``C [N, r]`` with ``(Phi^T Phi + lam I)^-1 phi_z = Q diag(1 / (S + lam)) C[z]``.
+
+        Q has orthonormal columns (V in the primal, ``Phi^T U S^-1/2`` in the dual), so the
+        norm of the left side is the norm of ``C[z] / (S + lam)``.
+        """
+        if self.form == "primal":
+            return self._b  # Phi V
+        return self._b * np.sqrt(self.eigenvalues)  # U sqrt(S)
+
+    def influence_norms(self, lam: float) -> np.ndarray:
+        """``||(Phi^T Phi + lam I)^-1 phi(z)||`` for every training example: ``[N]`` float64."""
+        inv = self._inverse_spectrum(lam)
+        return np.linalg.norm(self._train_in_eigenbasis() * inv, axis=1)
+
+    def feature_norms(self) -> np.ndarray:
+        """``||phi(z)||`` for every training example, from the factorisation: ``[N]`` float64."""
+        return np.linalg.norm(self._train_in_eigenbasis(), axis=1)
+
+
+def solve_reference(
+    train_features: np.ndarray, target_features: np.ndarray, lam: float
+) -> np.ndarray:
+    """Oracle: ``phi_x (Phi^T Phi + lam I)^-1 Phi^T`` by ``np.linalg.solve`` in float64.
+
+    ``[N, k], [M, k] -> [M, N]`` float32. Plain and slow on purpose (one k x k solve).
+    """
+    phi = _as_matrix(train_features, "train_features")
+    phi_x = _as_matrix(target_features, "target_features")
+    lam = _check_lam(lam)
+    gram = phi.T @ phi + lam * np.eye(phi.shape[1])
+    return (np.linalg.solve(gram, phi_x.T).T @ phi.T).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Method registry
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoreMethod:
+    """A registered score method.
+
+    Attributes:
+        name: registry key.
+        description: what it computes.
+        sign: why a positive score means "helps" for this method.
+        fn: the function; returns ``[M targets, N train]`` float32.
+    """
+
+    name: str
+    description: str
+    sign: str
+    fn: Callable[..., np.ndarray]
+
+    def __call__(self, *args, **kwargs) -> np.ndarray:
+        return self.fn(*args, **kwargs)
+
+
+#: All score methods by name.
+METHODS: dict[str, ScoreMethod] = {}
+
+
+def register_method(
+    name: str, description: str, sign_doc: str
+) -> Callable[[Callable[..., np.ndarray]], Callable[..., np.ndarray]]:
+    """Decorator: register ``fn`` in :data:`METHODS` under ``name`` (the function is returned)."""
+
+    def decorate(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+        if name in METHODS:
+            raise ValueError(f"score method {name!r} is already registered; pick another name")
+        METHODS[name] = ScoreMethod(name, description, sign_doc, fn)
+        return fn
+
+    return decorate
+
+
+def get_method(name: str) -> ScoreMethod:
+    """The registered method ``name``; raises ValueError listing the known names."""
+    if name not in METHODS:
+        raise ValueError(f"unknown score method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Similarity baselines
+# ---------------------------------------------------------------------------------------------
+
+
+def _same_width(a: np.ndarray, b: np.ndarray) -> None:
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"target features have {a.shape[1]} columns but training features have "
+            f"{b.shape[1]}; compute both with the same feature extractor"
+        )
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit norm; all-zero rows stay zero (their cosine is 0)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    n_zero = int(np.sum(norms == 0))
+    if n_zero:
+        logger.warning("%d all-zero feature row(s): their cosine scores are set to 0", n_zero)
+    return x / np.where(norms == 0, 1.0, norms)
+
+
+@register_method(
+    "random",
+    "iid standard normal scores (control)",
+    "no meaning: a random control whose LDS should be about 0",
+)
+def random_scores(n_targets: int, n_train: int, seed: int) -> np.ndarray:
+    """IID N(0, 1) scores ``[n_targets, n_train]`` float32 from ``default_rng(seed)``."""
+    if n_targets < 1 or n_train < 1:
+        raise ValueError(f"random_scores needs n_targets, n_train >= 1, got {n_targets}, {n_train}")
+    return np.random.default_rng(seed).standard_normal((n_targets, n_train)).astype(np.float32)
+
+
+_SIMILARITY_SIGN = (
+    "similar = helps. For raw pixels / CLIP embeddings: a training image that looks like the "
+    "target is assumed to help it. For loss-gradient features g: a gradient step on z moves "
+    "theta by -eta g(z), changing the loss on x by -eta g(x).g(z), so a positive dot product "
+    "lowers the loss on x (helps)"
+)
+
+
+@register_method("dot", "dot product of features: A B^T", _SIMILARITY_SIGN)
+def dot_scores(target_features: np.ndarray, train_features: np.ndarray) -> np.ndarray:
+    """``[M, d], [N, d] -> [M, N]`` float32 dot products (pixels, CLIP, loss gradients)."""
+    a = _as_matrix(target_features, "target_features")
+    b = _as_matrix(train_features, "train_features")
+    _same_width(a, b)
+    return (a @ b.T).astype(np.float32)
+
+
+@register_method("cosine", "cosine similarity of features", _SIMILARITY_SIGN)
+def cosine_scores(target_features: np.ndarray, train_features: np.ndarray) -> np.ndarray:
+    """``[M, d], [N, d] -> [M, N]`` float32 cosine similarities (zero rows give 0)."""
+    a = _as_matrix(target_features, "target_features")
+    b = _as_matrix(train_features, "train_features")
+    _same_width(a, b)
+    return (_unit_rows(a) @ _unit_rows(b).T).astype(np.float32)
+
+
+@register_method(
+    "tracin",
+    "TracIn: dot (or cosine) of loss-gradient features averaged over training checkpoints",
+    "as 'dot': a positive gradient dot product means a step on z lowers the loss on x",
+)
+def tracin_scores(
+    per_checkpoint: Sequence[tuple[np.ndarray, np.ndarray]], cosine: bool = False
+) -> np.ndarray:
+    """Average over checkpoints of dot (or cosine) scores.
+
+    Args:
+        per_checkpoint: one ``(target_features [M, d], train_features [N, d])`` pair per
+            checkpoint (loss-gradient features of that checkpoint).
+        cosine: cosine similarity instead of the dot product.
+
+    Returns:
+        ``[M, N]`` float32.
+    """
+    if len(per_checkpoint) == 0:
+        raise ValueError("tracin_scores needs at least one checkpoint's (targets, train) pair")
+    score = cosine_scores if cosine else dot_scores
+    total = sum(score(t, z).astype(np.float64) for t, z in per_checkpoint)
+    return (total / len(per_checkpoint)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# TRAK and its reweightings
+# ---------------------------------------------------------------------------------------------
+
+
+@register_method(
+    "trak",
+    "TRAK / D-TRAK: phi(x) (Phi^T Phi + lam I)^-1 Phi^T",
+    "positive = z lowers the loss on x (the kernel-regression influence of z on x)",
+)
+def trak_scores(solver: KernelSolver, target_features: np.ndarray, lam: float) -> np.ndarray:
+    """``solver.scores(target_features, lam)``: ``[M, k] -> [M, N]`` float32."""
+    return solver.scores(target_features, lam)
+
+
+@register_method(
+    "relative_influence",
+    "TRAK score / ||(Phi^T Phi + lam I)^-1 phi(z)|| per training example",
+    "as 'trak' (divided by a positive per-example norm)",
+)
+def relative_influence(solver: KernelSolver, target_features: np.ndarray, lam: float) -> np.ndarray:
+    """TRAK scores with column z divided by ``solver.influence_norms(lam)[z]``: ``[M, N]``.
+
+    Columns whose norm is 0 (an all-zero training feature) are 0.
+    """
+    norms = solver.influence_norms(lam)
+    scores = solver.scores(target_features, lam).astype(np.float64)
+    return (scores / np.where(norms == 0, np.inf, norms)).astype(np.float32)
+
+
+@register_method(
+    "renormalized_influence",
+    "TRAK score / ||phi(z)|| per training example",
+    "as 'trak' (divided by a positive per-example norm)",
+)
+def renormalized_influence(
+    solver: KernelSolver,
+    target_features: np.ndarray,
+    lam: float,
+    train_features: np.ndarray | None = None,
+) -> np.ndarray:
+    """TRAK scores with column z divided by ``||phi(z)||``: ``[M, N]`` float32.
+
+    ``train_features [N, k]`` gives the norms; ``None`` takes them from the factorisation.
+    Columns whose norm is 0 are 0.
+    """
+    if train_features is None:
+        norms = solver.feature_norms()
+    else:
+        phi = _as_matrix(train_features, "train_features")
+        if phi.shape != (solver.n, solver.k):
+            raise ValueError(
+                f"train_features has shape {phi.shape} but the solver was built on "
+                f"({solver.n}, {solver.k}); pass the same training features"
+            )
+        norms = np.linalg.norm(phi, axis=1)
+    scores = solver.scores(target_features, lam).astype(np.float64)
+    return (scores / np.where(norms == 0, np.inf, norms)).astype(np.float32)
+
+
+@register_method(
+    "ensemble",
+    "average of score matrices of several models (or several projections)",
+    "as the averaged method",
+)
+def ensemble_average(score_matrices: Sequence[np.ndarray]) -> np.ndarray:
+    """Mean of equally shaped ``[M, N]`` score matrices, float32."""
+    if len(score_matrices) == 0:
+        raise ValueError("ensemble_average needs at least one score matrix")
+    shapes = {np.shape(s) for s in score_matrices}
+    if len(shapes) != 1:
+        raise ValueError(f"score matrices differ in shape {sorted(shapes)}; score the same sets")
+    total = sum(np.asarray(s, dtype=np.float64) for s in score_matrices)
+    return (total / len(score_matrices)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retraining-based methods (from the LDS subset models)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_masks_outputs(masks: np.ndarray, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    masks = np.asarray(masks)
+    outputs = _as_matrix(outputs, "outputs")
+    if masks.ndim != 2 or masks.dtype != bool:
+        raise ValueError(
+            f"masks must be a bool array [models, N], got {masks.dtype} {masks.shape}; "
+            "use dtrak.lds.subset_masks"
+        )
+    if masks.shape[0] != outputs.shape[0]:
+        raise ValueError(
+            f"masks has {masks.shape[0]} models but outputs has {outputs.shape[0]} rows; "
+            "outputs must be [models, targets] in the order of the masks"
+        )
+    return masks, outputs
+
+
+@register_method(
+    "empirical_influence",
+    "mean output of models trained without z minus mean output of models with z",
+    "outputs are losses: positive = models that include z have lower loss on x (helps)",
+)
+def empirical_influence(masks: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    """Leave-z-out difference of mean losses.
+
+    Args:
+        masks: ``[M_models, N]`` bool, model m trained on the examples marked True.
+        outputs: ``[M_models, T]`` the loss of model m on target t.
+
+    Returns:
+        ``[T, N]`` float32; a column whose example is in every model or in none is 0
+        (a warning says how many).
+    """
+    masks, outputs = _check_masks_outputs(masks, outputs)
+    inc = masks.astype(np.float64)
+    n_in, n_out = inc.sum(axis=0), (1.0 - inc).sum(axis=0)
+    sum_in = inc.T @ outputs
+    sum_out = (1.0 - inc).T @ outputs
+    undefined = (n_in == 0) | (n_out == 0)
+    if np.any(undefined):
+        logger.warning(
+            "empirical_influence: %d training example(s) are in every model or in none; "
+            "their scores are set to 0 (use more or different subsets)",
+            int(undefined.sum()),
+        )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        diff = sum_out / n_out[:, None] - sum_in / n_in[:, None]
+    diff[undefined] = 0.0
+    return diff.T.astype(np.float32)
+
+
+@register_method(
+    "datamodel",
+    "ridge regression of the outputs on the inclusion mask (with intercept), sign flipped",
+    "outputs are losses: the coefficient of z is the loss change from including z, so the "
+    "score is minus it (positive = including z lowers the loss = helps)",
+)
+def datamodel_scores(masks: np.ndarray, outputs: np.ndarray, ridge_alpha: float) -> np.ndarray:
+    """Linear datamodels: ``outputs ~ b + masks @ w`` by ridge, scores ``-w``.
+
+    Minimises ``||Y - b - X w||^2 + ridge_alpha ||w||^2`` per target (same as
+    ``sklearn.linear_model.Ridge(alpha=ridge_alpha, fit_intercept=True)``), in closed form on
+    the centred data, solving in whichever of the N x N or M x M systems is smaller.
+
+    Args:
+        masks: ``[M_models, N]`` bool.
+        outputs: ``[M_models, T]`` losses.
+        ridge_alpha: > 0 (>= 0 when the centred Gram is invertible).
+
+    Returns:
+        ``[T, N]`` float32.
+    """
+    masks, outputs = _check_masks_outputs(masks, outputs)
+    alpha = float(ridge_alpha)
+    if not np.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"ridge_alpha must be a finite number >= 0, got {ridge_alpha!r}")
+    x = masks.astype(np.float64)
+    x -= x.mean(axis=0)
+    y = outputs - outputs.mean(axis=0)
+    n_models, n_train = x.shape
+    try:
+        if n_train <= n_models:
+            coef = scipy.linalg.solve(x.T @ x + alpha * np.eye(n_train), x.T @ y, assume_a="sym")
+        else:
+            coef = x.T @ scipy.linalg.solve(x @ x.T + alpha * np.eye(n_models), y, assume_a="sym")
+    except np.linalg.LinAlgError as err:
+        raise ValueError(
+            f"datamodel ridge system is singular (ridge_alpha={alpha}); use ridge_alpha > 0"
+        ) from err
+    return (-coef.T).astype(np.float32)
