@@ -517,3 +517,10 @@ def diff_configs(a: Config | dict, b: Config | dict, sections: tuple[str, ...] |
     if sections is not None:
         keys = [k for k in keys if k.split(".")[0] in sections]
     return [k for k in keys if fa.get(k) != fb.get(k)]
+
+
+def section_from_dict(cls: type, d: dict, prefix: str) -> Any:
+    """One config section (e.g. TrainConfig) from a dict, validated."""
+    sec = _section_from_dict(cls, d, prefix)
+    sec.validate()
+    return sec

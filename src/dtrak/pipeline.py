@@ -234,3 +234,107 @@ def run_stages(run: Run, stages: tuple[str, ...] | None = None,
     return results
 
 
+
+
+# ----------------------------------------------------------------------------- attribution
+
+
+def context(run: Run):
+    """The attribution :class:`~dtrak.methods.Context` of a run (targets cut to n_targets)."""
+    from .methods import Context
+
+    if "context" in run._cache:
+        return run._cache["context"]
+    ds = run.dataset
+    n = run.cfg.attribution.n_targets
+    sets = {"val": ds.val.images[:n]}
+    trajectories = {}
+    gen_file = run.paths.gen / "images.npy"
+    if gen_file.exists():
+        sets["gen"] = torch.from_numpy(np.load(gen_file)[:n])
+        traj = run.paths.gen / "trajectory.npy"
+        if traj.exists():
+            trajectories["gen"] = torch.from_numpy(
+                np.load(traj, mmap_mode="r")[:n].astype(np.float32))
+    ctx = Context(run.cfg, ds.train.images, sets, run.paths.model / "unet",
+                  lambda m, s, f: run.paths.features(m, s, f), progress=run.progress,
+                  trajectories=trajectories)
+    run._cache["context"] = ctx
+    return ctx
+
+
+def _target_sets(run: Run, ctx) -> list[str]:
+    missing = [s for s in run.cfg.attribution.targets if s not in ctx.sets]
+    if missing:
+        raise FileNotFoundError(
+            f"target set(s) {', '.join(missing)} not available in {run.paths.root}: "
+            "run `dtrak generate` first for gen"
+        )
+    return list(run.cfg.attribution.targets)
+
+
+def stage_featurize(run: Run) -> dict:
+    """Features of the training set and every target set, for each configured output."""
+    from .methods import get_method
+
+    ctx = context(run)
+    outputs = list(dict.fromkeys(
+        list(run.cfg.attribution.outputs)
+        + [o for m in run.cfg.attribution.methods for o in get_method(m).outputs]))
+    done = {}
+    for output in outputs:
+        for set_name in ["train", *_target_sets(run, ctx)]:
+            feats = ctx.features(set_name, output)
+            done[f"{set_name}/{ctx.spec(output).name}"] = list(feats.shape)
+    return done
+
+
+def _chosen_lambdas(run: Run) -> dict[tuple[str, str], float]:
+    path = run.paths.results / "lds.json"
+    if not path.exists():
+        return {}
+    recs = json.loads(path.read_text())["records"]
+    return {(r["method"], r["targets"]): r["lambda"] for r in recs
+            if r.get("lambda_selection") == "heldout" and r.get("lambda") is not None}
+
+
+def write_scores(run: Run, method_name: str, set_name: str, scores: np.ndarray, meta: dict
+                 ) -> Path:
+    path = run.paths.scores(method_name, set_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, scores.astype(np.float32))
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=float))
+    return path
+
+
+def stage_score(run: Run) -> dict:
+    """Score matrices [targets, train] for each configured method and target set.
+
+    Lambda: the one LDS selected on held-out targets when ``results/lds.json`` exists,
+    else the prior of :func:`dtrak.methods.default_lambda`.
+    """
+    from .methods import default_lambda, get_method
+
+    ctx = context(run)
+    chosen = _chosen_lambdas(run)
+    a = run.cfg.attribution
+    out = {}
+    for name in a.methods:
+        method = get_method(name)
+        for set_name in _target_sets(run, ctx):
+            lam = chosen.get((name, set_name))
+            how = "lds-heldout" if lam is not None else "prior"
+            if lam is None:
+                lam = default_lambda(ctx, method)
+            scores = method.score(ctx, set_name, lam)
+            meta = {"method": name, "targets": set_name, "lambda": lam,
+                    "lambda_selection": how if method.uses_lambda else None,
+                    "shape": list(scores.shape), "n_timesteps": a.n_timesteps,
+                    "timesteps": a.timesteps, "proj_dim": a.proj_dim, "projector": a.projector,
+                    "outputs": list(method.outputs), "sign": method.sign}
+            path = write_scores(run, name, set_name, scores, meta)
+            out[f"{name}/{set_name}"] = str(path)
+    return out
+
+
+STAGES.update({"featurize": stage_featurize, "score": stage_score})

@@ -1,0 +1,116 @@
+"""Featurization: examples -> projected per-sample gradient features in a store.
+
+phi(z) = P^T g(z), g(z) = (1/K) sum_t grad_theta f(eps_theta(x_t, t), eps) (SPEC section 4).
+The core, :func:`featurize_into`, works on any :class:`~dtrak.gradients.DiffusionAdapter`
+and tensor of examples; :func:`FeatureSpec` names what was computed, and the store refuses
+to mix features made with other settings. Work goes in batches of missing examples, so a
+killed run resumes, and ``shard=(i, N)`` lets N workers fill one store at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .gradients import check_finite, param_order, per_sample_gradients
+from .noise import ScheduleConstants, timesteps
+from .projection import Projector, make_projector
+from .seeding import seed_from
+from .store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FeatureSpec", "featurize_into", "model_seed", "projector_for"]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything that determines a feature vector, apart from the model and the example."""
+
+    output: str = "loss"
+    schedule: str = "uniform"
+    n_timesteps: int = 10
+    projector: str = "gaussian"
+    proj_dim: int = 4096
+    proj_seed: int = 0
+    noise_seed: int = 0
+    journey: bool = False  # target features along the sampling trajectory (Journey TRAK)
+
+    @property
+    def name(self) -> str:
+        head = f"journey-{self.output}" if self.journey else self.output
+        return f"{head}-{self.schedule}{self.n_timesteps}-{self.projector}{self.proj_dim}"
+
+    def timesteps(self, T: int) -> torch.Tensor:
+        return timesteps(self.schedule, self.n_timesteps, T, seed=self.noise_seed)
+
+
+def model_seed(model_id: str) -> int:
+    """An integer id for a model name: projections differ per model, as in TRAK."""
+    return seed_from("model", model_id) % (2**31 - 1)
+
+
+def projector_for(spec: FeatureSpec, p: int, model_id: str) -> Projector:
+    k = p if spec.projector == "none" else spec.proj_dim
+    return make_projector(spec.projector, p, k, seed=spec.proj_seed, model_id=model_seed(model_id))
+
+
+def featurize_into(
+    adapter,
+    examples: torch.Tensor,
+    directory: str | Path,
+    spec: FeatureSpec,
+    sched: ScheduleConstants,
+    model_id: str,
+    set_name: str,
+    batch_size: int = 16,
+    shard: tuple[int, int] = (0, 1),
+    timestep_values: torch.Tensor | None = None,
+    param_names: list[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> FeatureStore:
+    """Compute the features of ``examples`` into the store at ``directory``.
+
+    Args:
+        adapter: the model (e.g. ``UNet2DAdapter(unet)``); used in eval mode.
+        examples: ``[N, C, H, W]`` clean examples, or ``[N, K, C, H, W]`` (one per timestep,
+            Journey TRAK).
+        spec: output function, timesteps, projector, seeds.
+        model_id: names the model; seeds its projection and is stored in the metadata.
+        set_name: names the example set (train, val, gen, ...); salts the noise so two
+            sets never share noise draws.
+        timestep_values: explicit timesteps ``[K]`` (overrides ``spec``'s schedule).
+    Returns:
+        The store (``.load()`` gives the ``[N, k]`` features once complete).
+    """
+    module = adapter.module
+    module.eval()
+    T = len(sched.alphas_cumprod)
+    ts = spec.timesteps(T) if timestep_values is None else timestep_values
+    p = sum(n for _, n in param_order(module, param_names))
+    projector = projector_for(spec, p, model_id)
+    noise_seed = seed_from(spec.noise_seed, "set", set_name) % (2**62)
+    meta = {"spec": asdict(spec), "feature": spec.name, "model_id": model_id, "set": set_name,
+            "p": p, "timesteps": [int(t) for t in ts], "projector": projector.describe()}
+    store = FeatureStore(directory, examples.shape[0], projector.k, meta, overwrite=overwrite)
+    todo = store.missing(shard)
+    bar = tqdm(total=len(todo), desc=f"features {set_name}/{spec.name}",
+               disable=not progress or len(todo) == 0, leave=False)
+    for lo in range(0, len(todo), batch_size):
+        ids = todo[lo:lo + batch_size]
+        x0 = examples[torch.as_tensor(ids)]
+        g = per_sample_gradients(adapter, x0, torch.as_tensor(ids), spec.output, ts, sched,
+                                 noise_seed, param_names=param_names)
+        check_finite(g, [int(i) for i in ids])
+        store.write(ids, projector.project(g).float().cpu().numpy())
+        bar.update(len(ids))
+    bar.close()
+    return store
+
+
