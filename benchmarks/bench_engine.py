@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 import warnings
@@ -36,6 +35,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--batch", type=int, default=16, help="examples per gradient batch")
     ap.add_argument("--K", type=int, default=10, help="timesteps per example")
+    ap.add_argument("--chunk", type=int, default=8,
+                    help="chunk_size of per_sample_gradients (examples per vmap call)")
     ap.add_argument("--resolution", type=int, default=16)
     ap.add_argument("--channels", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--output", default="square", help="output function")
@@ -90,7 +91,8 @@ def bench_gradients(args, model) -> dict:
     out_fn = get_output(args.output)
 
     def per_sample():
-        return per_sample_gradients(adapter, x0, ids, args.output, ts, sched, noise_seed=0)
+        return per_sample_gradients(adapter, x0, ids, args.output, ts, sched, noise_seed=0,
+                                    chunk_size=args.chunk)
 
     eps = example_noise(0, ids, K, (1, args.resolution, args.resolution)).flatten(0, 1)
     x0f, tf = x0.repeat_interleave(K, 0), ts.repeat(B)
@@ -111,7 +113,7 @@ def bench_gradients(args, model) -> dict:
         t_ps.append(_once(per_sample))
         t_bt.append(_once(batched))
     res = {
-        "B": B, "K": K, "p": sum(p.numel() for p in model.parameters()),
+        "B": B, "K": K, "chunk": args.chunk, "p": sum(p.numel() for p in model.parameters()),
         "per_sample_s": min(t_ps), "batched_fwd_bwd_s": min(t_bt),
         "noise_s": best_time(noise_only, args.repeats),
     }
@@ -141,7 +143,8 @@ def _fused_sdpa_vmap_time(adapter, x0, ids, args, ts, sched) -> float:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _once(lambda: per_sample_gradients(adapter, x0, ids, args.output, ts, sched, 0))
+            return _once(lambda: per_sample_gradients(adapter, x0, ids, args.output, ts, sched, 0,
+                                                      chunk_size=args.chunk))
     finally:
         gr.sdpa_kernel = original
 
@@ -243,7 +246,8 @@ def main() -> None:
 
 def print_report(r: dict) -> None:
     g = r["gradients"]
-    print(f"(a) model p={g['p']:,}, B={g['B']}, K={g['K']}, threads={r['machine']['threads']}")
+    print(f"(a) model p={g['p']:,}, B={g['B']}, K={g['K']}, chunk={g['chunk']}, "
+          f"threads={r['machine']['threads']}")
     print(f"    per-sample grads (vmap, MATH attention): {g['per_sample_s']:.3f} s "
           f"= {g['per_sample_pairs_per_s']:.1f} pairs/s (noise generation {g['noise_s']:.4f} s)")
     print(f"    batched fwd+bwd (one gradient):          {g['batched_fwd_bwd_s']:.3f} s "

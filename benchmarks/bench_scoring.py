@@ -8,9 +8,14 @@ One run measures, on synthetic Gaussian features:
    eigh O(k^3)) its time is *estimated*, as a lower bound: a measured 2048 x 2048 eigh scaled
    by (k / 2048)^3 (the Gram product and basis change are left out), and marked "(est)".
 2. the 27-lambda paper sweep (one factorisation) vs 27 separate ``solve_reference`` calls,
-   at a size where the reference finishes in about a minute on one core.
+   at a size where the reference finishes in about a minute on one core; and the LDS
+   predictions of 64 subsets at the 27 lambdas straight from the factorisation
+   (``predicted_outputs_sweep``) vs materialising the scores and summing them.
 3. the LDS bootstrap (1000 resamples of M = 64 subsets, T = 1000 targets): the sort-free
    matrix-product path vs ranking every resample with ``scipy.stats.rankdata``.
+
+0. (why KernelSolver calls eigh with driver="evd") scipy's default MRRR driver vs divide and
+   conquer, on a full-rank and a rank-deficient Gram.
 
 Every comparison also checks that both paths agree. Single runs (no repeats): the machine is
 shared, so treat ratios as +-20%.
@@ -34,6 +39,7 @@ import scipy.linalg
 from scipy.stats import rankdata
 
 from dtrak import lds as lds_mod
+from dtrak import scoring
 from dtrak.scoring import PAPER_LAMBDAS, KernelSolver, choose_form, solve_reference
 
 
@@ -70,8 +76,21 @@ def _eigh_seconds(size: int) -> float:
     """Time of one float64 eigh of a ``size x size`` SPD matrix."""
     a = np.random.default_rng(3).standard_normal((size, size))
     gram = a @ a.T
-    t_eigh, _ = _timed(lambda: scipy.linalg.eigh(gram, overwrite_a=True, check_finite=False))
+    t_eigh, _ = _timed(lambda: scoring._eigh(gram))
     return t_eigh
+
+
+def bench_eigh_drivers(size: int, ranks: list[int]) -> list[dict]:
+    """scipy eigh drivers ``evr`` (scipy's default, MRRR) vs ``evd`` (divide and conquer)."""
+    rows = []
+    for rank in ranks:
+        a = np.random.default_rng(4).standard_normal((size, rank))
+        gram = a @ a.T
+        row = {"size": size, "rank": rank}
+        for driver in ("evr", "evd"):
+            row[f"{driver}_s"], _ = _timed(lambda d=driver, g=gram: scipy.linalg.eigh(g, driver=d))
+        rows.append(row)
+    return rows
 
 
 def bench_forms(cases: list[tuple[int, int, bool]], n_targets: int, eigh_size: int) -> list[dict]:
@@ -112,7 +131,17 @@ def bench_sweep(n: int, k: int, n_targets: int) -> dict:
     t_sweep, swept = _timed(lambda: KernelSolver(phi).sweep(targets, lams))
     t_ref, refs = _timed(lambda: [solve_reference(phi, targets, lam) for lam in lams])
     err = max(_rel_err(s, r.astype(np.float64)) for s, r in zip(swept, refs, strict=True))
+    # LDS predictions for all lambdas: straight from the factorisation vs summing scores.
+    masks = np.random.default_rng(5).random((64, n)) < 0.5
+    t_pred, preds = _timed(lambda: KernelSolver(phi).predicted_outputs_sweep(targets, lams, masks))
+    t_pred_ref, preds_ref = _timed(
+        lambda: lds_mod.predictions_by_lambda(KernelSolver(phi).sweep(targets, lams), masks)
+    )
     return {
+        "predictions_s": t_pred,
+        "predictions_via_scores_s": t_pred_ref,
+        "predictions_speedup": t_pred_ref / t_pred,
+        "predictions_max_rel_diff": _rel_err(preds, preds_ref),
         "N": n,
         "k": k,
         "M": n_targets,
@@ -154,6 +183,12 @@ def bench_bootstrap(m: int, t: int, n_boot: int) -> dict:
 
 
 def _print_tables(res: dict) -> None:
+    print("0. eigh driver on a Gram (KernelSolver uses evd)")
+    for r in res["eigh_drivers"]:
+        print(
+            f"   {r['size']} x {r['size']}, rank {r['rank']}: evr {r['evr_s']:.1f} s, "
+            f"evd {r['evd_s']:.1f} s"
+        )
     print("\n1. KernelSolver primal vs dual (factorise + score M targets)")
     print(
         f"{'N':>6} {'k':>6} {'M':>5} {'primal s':>12} {'dual s':>9} {'auto':>7} "
@@ -172,6 +207,12 @@ def _print_tables(res: dict) -> None:
         f"{s['sweep_s']:.1f} s vs {s['n_lambdas']} x solve_reference {s['reference_s']:.1f} s "
         f"-> {s['speedup']:.1f}x (max rel diff {s['max_rel_diff']:.1e})"
     )
+    print(
+        f"   LDS predictions of 64 subsets at {s['n_lambdas']} lambdas: predicted_outputs_sweep "
+        f"{s['predictions_s']:.1f} s vs sweep + predicted_outputs "
+        f"{s['predictions_via_scores_s']:.1f} s -> {s['predictions_speedup']:.1f}x "
+        f"(max rel diff {s['predictions_max_rel_diff']:.1e})"
+    )
     b = res["bootstrap"]
     print(
         f"\n3. LDS bootstrap, M={b['M']} T={b['T']} n_boot={b['n_boot']}: fast "
@@ -187,13 +228,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         cases, n_targets, eigh_size = [(300, 200, True), (100, 2000, False)], 50, 256
+        drivers = (256, [256, 100])
         sweep, boot = (200, 150, 50), (16, 50, 100)
     else:
         cases = [(5000, 4096, True), (1000, 32768, False), (1000, 4096, True)]
         n_targets, eigh_size = 1000, 2048
+        drivers = (2048, [2048, 1000])
         sweep, boot = (2000, 2048, 500), (64, 1000, 1000)
     t0 = time.perf_counter()
     res = {
+        "eigh_drivers": bench_eigh_drivers(*drivers),
         "forms": bench_forms(cases, n_targets, eigh_size),
         "sweep": bench_sweep(*sweep),
         "bootstrap": bench_bootstrap(*boot),

@@ -14,6 +14,7 @@ from dtrak.lds import (
     lds,
     per_target_spearman_by_lambda,
     predicted_outputs,
+    predictions_by_lambda,
     seed_ceiling,
     select_lambda,
     spearman_rows,
@@ -224,6 +225,10 @@ def test_select_lambda_paper_mode_picks_the_best():
         lambda i: called.append(i) or stack[i], [0.1, 1.0, 10.0], masks, actual, n_boot=0
     )
     assert via_callable["lam"] == 1.0 and called == [0, 1, 2]
+    preds = predictions_by_lambda(stack, masks)
+    assert preds.shape == (3, 24, 10)
+    again = select_lambda(None, [0.1, 1.0, 10.0], masks, actual, n_boot=30, predictions=preds)
+    assert again == out
     with pytest.raises(ValueError, match="mode"):
         select_lambda(stack, [0.1, 1.0, 10.0], masks, actual, mode="oracle")
     with pytest.raises(ValueError, match=r"\[L=2"):

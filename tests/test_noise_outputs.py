@@ -56,7 +56,8 @@ def test_noise_independent_of_batch_split_order_and_K():
     ids = [5, 0, 17, 3]
     full = example_noise(7, ids, 4, (2, 3, 3))
     assert full.shape == (4, 4, 2, 3, 3)
-    split = torch.cat([example_noise(7, ids[:1], 4, (2, 3, 3)), example_noise(7, ids[1:], 4, (2, 3, 3))])
+    split = torch.cat([example_noise(7, ids[:1], 4, (2, 3, 3)),
+                       example_noise(7, ids[1:], 4, (2, 3, 3))])
     assert torch.equal(full, split)
     reordered = example_noise(7, torch.tensor([3, 17, 5]), 4, (2, 3, 3))
     assert torch.equal(reordered, full[[3, 2, 0]])

@@ -129,6 +129,21 @@ def test_sweep_equals_per_lambda_solves(n, k):
         np.testing.assert_array_equal(s, ref)
 
 
+@pytest.mark.parametrize("n,k", [(10, 25), (25, 10)])
+def test_predicted_outputs_sweep_equals_summing_scores(n, k):
+    phi, targets = _features(n, k)
+    solver = KernelSolver(phi)
+    masks = np.random.default_rng(1).random((6, n)) < 0.5
+    lams = [0.01, 1.0]
+    got = solver.predicted_outputs_sweep(targets, lams, masks)
+    assert got.shape == (2, 6, 5)
+    for i, lam in enumerate(lams):
+        ref = -(masks @ solve_reference(phi, targets, lam).astype(np.float64).T)
+        _close(got[i], ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="bool"):
+        solver.predicted_outputs_sweep(targets, lams, masks[:, :3])
+
+
 def test_scores_blocks_cover_all_targets():
     phi, targets = _features(10, 7, m=11)
     solver = KernelSolver(phi)

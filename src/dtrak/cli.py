@@ -116,6 +116,70 @@ _stage_command("train", "Train the full model (resumes from its last checkpoint)
 _stage_command("generate", "Generate the sample set with per-image seeds (resumable).")
 
 
+def _methods_override(methods: tuple[str, ...]) -> list[str]:
+    if not methods:
+        return []
+    return ["attribution.methods=[" + ",".join(f'"{m}"' for m in methods) + "]"]
+
+
+@main.command("featurize")
+@_common
+@click.option("--shard", default=None, metavar="i/N",
+              help="compute only examples with id % N == i (run N workers at once)")
+@click.option("--output", "outputs", multiple=True,
+              help="output function(s) to featurize (default: the config's)")
+@click.option("--targets", "sets", default=None,
+              help="comma-separated sets: train, val, gen (default: train + the config's)")
+@_friendly
+def featurize_cmd(config, out, overrides, overwrite, quiet, shard, outputs, sets):
+    """Projected per-sample gradient features of the training and target sets."""
+    from .store import parse_shard
+
+    run = _open(config, out, overrides, overwrite, quiet)
+    chosen = [s.strip() for s in sets.split(",")] if sets else None
+    if shard or outputs or chosen:
+        _echo_json(pipeline.featurize_shard(run, parse_shard(shard), chosen,
+                                            list(outputs) or None))
+    else:
+        _echo_json(pipeline.stage_featurize(run))
+
+
+@main.command("score")
+@_common
+@click.option("--method", "methods", multiple=True,
+              help="method(s) to score (default: the config's attribution.methods)")
+@_friendly
+def score_cmd(config, out, overrides, overwrite, quiet, methods):
+    """Score matrices [targets x training examples] under RUN/scores/."""
+    run = _open(config, out, list(overrides) + _methods_override(methods), overwrite, quiet)
+    _echo_json(pipeline.stage_score(run))
+
+
+@main.command("lds")
+@_common
+@click.option("--method", "methods", multiple=True,
+              help="method(s) to evaluate (default: the config's attribution.methods)")
+@click.option("--workers", type=int, default=None, help="parallel training processes")
+@_friendly
+def lds_cmd(config, out, overrides, overwrite, quiet, methods, workers):
+    """Train the subset models, measure ground truth, print the LDS table."""
+    extra = _methods_override(methods) + ([f"lds.workers={workers}"] if workers else [])
+    run = _open(config, out, list(overrides) + extra, overwrite, quiet)
+    res = pipeline.STAGES["lds"](run)
+    click.echo("\n".join(res["table"]))
+    click.echo(f"results: {run.paths.results / 'lds.json'}")
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--quiet", "-q", is_flag=True)
+@_friendly
+def report_cmd(run_dir, quiet):
+    """Write RUN/report/index.html (self-contained, offline) from saved results."""
+    run = pipeline.open_run(run_dir, None, progress=not quiet)
+    click.echo(pipeline.stage_report(run)["report"])
+
+
 @main.command("run")
 @click.argument("config")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
@@ -129,8 +193,16 @@ def run_cmd(config, out, overrides, stages, overwrite, quiet):
     """Run every configured stage in order, skipping what is done."""
     run = _open(config, out, overrides, overwrite, quiet)
     chosen = tuple(s.strip() for s in stages.split(",")) if stages else None
-    pipeline.run_stages(run, chosen, echo=click.echo)
+    _run_and_tell(run, chosen)
+
+
+def _run_and_tell(run: pipeline.Run, stages) -> None:
+    results = pipeline.run_stages(run, stages, echo=click.echo)
+    if "lds" in results:
+        click.echo("\n".join(results["lds"]["table"]))
     click.echo(f"run directory: {run.paths.root}")
+    if "report" in results:
+        click.echo(f"report: {results['report']['report']}")
 
 
 @main.command("demo")
@@ -143,8 +215,7 @@ def run_cmd(config, out, overrides, stages, overwrite, quiet):
 def demo_cmd(out, overrides, overwrite, quiet):
     """The whole pipeline on scikit-learn's digits (no download needed)."""
     run = _open("digits", out, overrides, overwrite, quiet)
-    pipeline.run_stages(run, None, echo=click.echo)
-    click.echo(f"run directory: {run.paths.root}")
+    _run_and_tell(run, None)
 
 
 if __name__ == "__main__":

@@ -242,7 +242,7 @@ class Config:
     name: str = _help("a name for the run", "run")
     stages: tuple[str, ...] = _help(
         "stages that `dtrak run` executes in order",
-        ("data", "train", "generate"),
+        ("data", "train", "generate", "featurize", "score", "lds", "report"),
     )
     torch_threads: int | None = _help("torch intra-op threads (None: torch's default)", None)
     data: DataConfig = _help("data set and splits", factory=DataConfig)

@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from dtrak.images import to_uint8
 
@@ -167,7 +168,7 @@ def _bars_of_method(
            label=display_name(method), error_kw={"elinewidth": 1, "ecolor": "#333333"})
     for x, y, h, text in zip(xs, ys, hi, labels, strict=True):
         ax.annotate(text, (x, max(y + h, 0.0)), xytext=(0, 2), textcoords="offset points",
-                    ha="center", va="bottom", fontsize=6.5, linespacing=1.0)
+                    ha="center", va="bottom", fontsize=7.5, linespacing=1.0)
 
 
 def _ceiling_lines(ax: Axes, ceiling: Sequence[Mapping], groups: list) -> None:
@@ -211,8 +212,8 @@ def lds_vs_lambda(
         _style(ax)
     axes[0].set_ylabel("LDS (%)  ·  band: 95% interval")
     axes[-1].legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(title, fontsize=9, x=0.02, ha="left")
-    fig.tight_layout()
+    fig.subplots_adjust(wspace=0.22)
+    fig.suptitle(title, fontsize=9, x=0.06, y=0.93, ha="left", va="bottom")
     return _save(fig, path)
 
 
@@ -229,6 +230,9 @@ def _draw_curve(ax: Axes, curve: Mapping, chosen: Sequence[Mapping]) -> None:
         ax.fill_between(lams, lo, hi, color=color, alpha=0.18, linewidth=0)
     if np.all(lams > 0):
         ax.set_xscale("log")
+        # plain tick labels (1e-2 .. 1e3): avoids mathtext, and matches the tables
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}".replace("e+0", "e")
+                                                   .replace("e-0", "e-").replace("e+", "e")))
     for r in chosen:
         if (r.get("method"), r.get("targets")) != (curve["method"], curve["targets"]):
             continue
@@ -270,6 +274,12 @@ def _ema(values: np.ndarray, span: int) -> np.ndarray:
     return out
 
 
+def _two_five(value: float, _pos: int) -> str:
+    """Label a log-axis minor tick if it is 2 or 5 times a power of ten."""
+    lead = round(value / 10 ** np.floor(np.log10(value)), 6) if value > 0 else 0
+    return f"{value:g}" if lead in (2, 5) else ""
+
+
 def loss_curve(stats_path: str | Path, path: str | Path) -> Path:
     """Training loss against step from ``RUN/model/stats.jsonl`` (raw and smoothed)."""
     steps, losses = _read_stats(stats_path)
@@ -281,6 +291,10 @@ def loss_curve(stats_path: str | Path, path: str | Path) -> Path:
             label=f"moving average (span {span})")
     if np.all(losses > 0):
         ax.set_yscale("log")
+        # plain labels (no mathtext); over < 2 decades also the 2x and 5x minor ticks
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        short = losses.max() / losses.min() < 100
+        ax.yaxis.set_minor_formatter(FuncFormatter(_two_five) if short else NullFormatter())
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title(f"training loss: {len(steps)} logged steps, last {losses[-1]:.4g}",
@@ -314,6 +328,12 @@ def _check_gallery(target: np.ndarray, train: np.ndarray, scores: Mapping[str, n
                              f"expected [{train.shape[0]}] (one per training image)")
 
 
+# Gallery layout in tile units (one tile = 1 x 1); y grows downwards.
+_LABEL_W, _TILE_GAP, _BLOCK_GAP = 0.45, 0.1, 0.45
+_CAPTION, _ROW_GAP, _HEADER, _TITLE = 0.56, 0.18, 0.5, 0.45
+_INCH_PER_TILE = 0.9
+
+
 def attribution_gallery(
     target: np.ndarray,
     train_images: np.ndarray,
@@ -332,50 +352,62 @@ def attribution_gallery(
         k: tiles per side (at most N).
         title: optional title above the rows.
 
-    Each tile is captioned with the training index and the score.
+    Each tile is captioned with the training index and the score. All tiles are drawn on
+    one axes (fast even for many rows).
     """
     target = np.asarray(target, dtype=np.float32)
     train = np.asarray(train_images, dtype=np.float32)
     _check_gallery(target, train, scores_by_method)
     k = max(1, min(k, train.shape[0]))
-    rows = len(scores_by_method)
-    ratios = [1.0, 0.35] + [1.0] * k + [0.35] + [1.0] * k
-    fig = _figure(sum(ratios) * 0.95 + 0.9, rows * 1.32 + (0.75 if title else 0.45))
-    grid = fig.add_gridspec(rows, len(ratios), width_ratios=ratios, wspace=0.06, hspace=0.55,
-                            left=0.065, right=0.995, bottom=0.02,
-                            top=1 - (0.75 if title else 0.45) / fig.get_figheight())
+    starts = (_LABEL_W, _LABEL_W + 1 + _BLOCK_GAP,
+              _LABEL_W + 1 + 2 * _BLOCK_GAP + k * (1 + _TILE_GAP) - _TILE_GAP)
+    width = starts[2] + k * (1 + _TILE_GAP) + 0.05
+    top = _HEADER + (_TITLE if title else 0.0)
+    height = top + len(scores_by_method) * (_CAPTION + 1 + _ROW_GAP)
+    fig = _figure(width * _INCH_PER_TILE, height * _INCH_PER_TILE)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_axis_off()
     for row, (method, scores) in enumerate(scores_by_method.items()):
-        _gallery_row(fig, grid, row, method, target, train, np.asarray(scores, float), k)
-    _gallery_headers(fig, grid, k, title)
+        y = top + row * (_CAPTION + 1 + _ROW_GAP) + _CAPTION
+        _gallery_row(ax, y, starts, method, target, train, np.asarray(scores, float), k)
+    _gallery_headers(ax, starts, k, top, title)
     return _save(fig, path, tight=False)
 
 
-def _gallery_row(fig: Figure, grid, row: int, method: str, target: np.ndarray,
-                 train: np.ndarray, scores: np.ndarray, k: int) -> None:
-    ax = fig.add_subplot(grid[row, 0])
-    _show_image(ax, target)
-    ax.set_title("target", fontsize=7)
-    ax.set_ylabel(display_name(method), fontsize=10, fontweight="bold",
-                  color=method_color(method))
-    top, bottom = _top_bottom(scores, k)
-    for start, idx in ((2, top), (3 + k, bottom)):
+def _tile(ax: Axes, image: np.ndarray, x: float, y: float) -> None:
+    u = to_uint8(image)
+    ax.imshow(u, cmap="gray" if u.ndim == 2 else None, vmin=0, vmax=255,
+              interpolation="nearest", extent=(x, x + 1, y + 1, y))
+
+
+def _gallery_row(ax: Axes, y: float, starts: tuple[float, float, float], method: str,
+                 target: np.ndarray, train: np.ndarray, scores: np.ndarray, k: int) -> None:
+    _tile(ax, target, starts[0], y)
+    ax.text(starts[0] + 0.5, y - 0.04, "target", ha="center", va="bottom", fontsize=12)
+    ax.text(starts[0] - 0.08, y + 0.5, display_name(method), rotation=90, ha="right",
+            va="center", fontsize=15, fontweight="bold", color=method_color(method))
+    for start, idx in zip(starts[1:], _top_bottom(scores, k), strict=True):
         for j, i in enumerate(idx):
-            ax = fig.add_subplot(grid[row, start + j])
-            _show_image(ax, train[i])
+            x = start + j * (1 + _TILE_GAP)
+            _tile(ax, train[i], x, y)
             color = "#1a7f37" if scores[i] > 0 else ("#b42318" if scores[i] < 0 else "#555555")
-            ax.set_title(f"#{i}\n{scores[i]:+.3g}", fontsize=6.5, color=color, linespacing=1.0)
+            ax.text(x + 0.5, y - 0.04, f"#{i}\n{scores[i]:+.3g}", ha="center", va="bottom",
+                    fontsize=12, color=color, linespacing=1.0)
 
 
-def _gallery_headers(fig: Figure, grid, k: int, title: str | None) -> None:
-    top = grid.get_grid_positions(fig)[1][0]  # top edge of the first row
-    lefts, rights = grid.get_grid_positions(fig)[2:]
-    y = top + 0.32 / fig.get_figheight()
-    for start, text in ((2, f"top {k} proponents (highest score)"),
-                        (3 + k, f"top {k} opponents (lowest score)")):
-        x = (lefts[start] + rights[start + k - 1]) / 2
-        fig.text(x, y, text, ha="center", va="bottom", fontsize=8.5, color="#333333")
+def _gallery_headers(ax: Axes, starts: tuple[float, float, float], k: int, top: float,
+                     title: str | None) -> None:
+    span = k * (1 + _TILE_GAP) - _TILE_GAP
+    y = top - 0.06
+    for start, text in ((starts[1], f"top {k} proponents (highest score)"),
+                        (starts[2], f"top {k} opponents (lowest score)")):
+        ax.text(start + span / 2, y, text, ha="center", va="bottom", fontsize=14,
+                color="#333333")
+        ax.plot([start, start + span], [y + 0.02, y + 0.02], color="#999999", linewidth=0.8)
     if title:
-        fig.text(0.01, 1 - 0.08 / fig.get_figheight(), title, ha="left", va="top", fontsize=9.5)
+        ax.text(0.08, 0.06, title, ha="left", va="top", fontsize=14, fontweight="bold")
 
 
 def image_strip(

@@ -50,6 +50,15 @@ _DEPENDENTS = {
 }
 
 
+# Keys that choose what to compute or how fast, never what a result is: changing them
+# does not make a run's saved outputs stale.
+RESULT_NEUTRAL_KEYS = frozenset({
+    "name", "stages", "torch_threads", "attribution.methods", "attribution.targets",
+    "attribution.batch_size", "attribution.clip_path", "sampling.batch_size", "lds.workers",
+    "counterfactual.methods",
+})
+
+
 @dataclass
 class Run:
     """A run directory and its resolved config. Stages read and write through ``paths``."""
@@ -100,7 +109,7 @@ def open_run(out: str | Path, cfg: Config | None = None, overwrite: bool = False
         cfg = load_config(paths.config)
     if paths.config.exists():
         saved = json.loads(paths.config.read_text())
-        diff = diff_configs(saved, cfg)
+        diff = [k for k in diff_configs(saved, cfg) if k not in RESULT_NEUTRAL_KEYS]
         if diff:
             if not overwrite:
                 raise RunConfigError(
@@ -289,6 +298,26 @@ def stage_featurize(run: Run) -> dict:
     return done
 
 
+def featurize_shard(run: Run, shard: tuple[int, int], sets: list[str] | None = None,
+                    outputs: list[str] | None = None) -> dict:
+    """One shard worker's part of the featurize stage (``dtrak featurize --shard i/N``)."""
+    from .featurize import featurize_into
+
+    ctx = context(run)
+    sets = sets or ["train", *_target_sets(run, ctx)]
+    outputs = outputs or list(run.cfg.attribution.outputs)
+    left = {}
+    for output in outputs:
+        spec = ctx.spec(output)
+        for set_name in sets:
+            store = featurize_into(ctx.adapter, ctx.examples(set_name),
+                                   run.paths.features("full", set_name, spec.name), spec,
+                                   ctx.sched, "full", set_name, run.cfg.attribution.batch_size,
+                                   shard=shard, progress=run.progress)
+            left[f"{set_name}/{spec.name}"] = int((store.done == 0).sum())
+    return {"shard": f"{shard[0]}/{shard[1]}", "examples_left_in_store": left}
+
+
 def _chosen_lambdas(run: Run) -> dict[tuple[str, str], float]:
     path = run.paths.results / "lds.json"
     if not path.exists():
@@ -338,3 +367,29 @@ def stage_score(run: Run) -> dict:
 
 
 STAGES.update({"featurize": stage_featurize, "score": stage_score})
+
+
+def _stage_lds(run: Run) -> dict:
+    from .evaluation import stage_lds
+
+    return stage_lds(run)
+
+
+STAGES["lds"] = _stage_lds
+
+
+def stage_report(run: Run) -> dict:
+    """Write RUN/report/index.html from the saved artefacts."""
+    from .report import write_report
+
+    ds = run.dataset
+    n = run.cfg.attribution.n_targets
+    methods = [m for m in run.cfg.attribution.methods if run.paths.scores(m, "gen").exists()
+               or run.paths.scores(m, "val").exists()]
+    path = write_report(run.paths.root, train_images=ds.train.images.numpy(),
+                        val_images=ds.val.images[:n].numpy(),
+                        methods=methods or ("trak", "dtrak"))
+    return {"report": str(path)}
+
+
+STAGES["report"] = stage_report

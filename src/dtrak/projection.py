@@ -128,7 +128,8 @@ class DenseProjector(Projector):
         if self.kind == "gaussian":
             block = torch.randn((rows, self.k), generator=gen)
         else:
-            block = torch.randint(0, 2, (rows, self.k), generator=gen).float().mul_(2).sub_(1)
+            # rand < 0.5 in place: +-1 signs at the cost of one uniform draw (randint is 2x slower)
+            block = torch.rand((rows, self.k), generator=gen).lt_(0.5).mul_(2).sub_(1)
         return block.mul_(1.0 / math.sqrt(self.k))
 
     def _project(self, g: torch.Tensor) -> torch.Tensor:
@@ -190,7 +191,7 @@ class SRHTProjector(Projector):
     kind = "srht"
 
     def __init__(
-        self, p: int, k: int, seed: int = 0, model_id: int = 0, batch_size: int = 16
+        self, p: int, k: int, seed: int = 0, model_id: int = 0, batch_size: int = 4
     ) -> None:
         super().__init__(p, k, seed, model_id)
         if k > p:
