@@ -40,6 +40,18 @@ def test_tiny_run_end_to_end(tmp_path):
     for r in recs:
         assert -100 <= r["ci_low"] <= r["ci_high"] <= 100
         assert r["n_subsets"] == 4 and r["lambda"] > 0
+    # counterfactual
+    cf = json.loads((out / "results" / "counterfactual.json").read_text())
+    assert {r["method"] for r in cf["records"]} == {"random", "trak", "dtrak"}
+    assert len(cf["records"]) == 6 and all(r["pixel_l2"] >= 0 for r in cf["records"])
+    assert {(s["method"], s["metric"]) for s in cf["summary"]} >= {
+        (m, "pixel_l2") for m in ("random", "trak", "dtrak")}
+    assert len(list((out / "counterfactual" / "panels").glob("*.png"))) == 2
+    # report
+    html = (out / "report" / "index.html").read_text()
+    assert "LDS" in html and "<img" in html
+    for img in (out / "report").glob("*.png"):
+        assert f'src="{img.name}"' in html
     # a second run does nothing new and succeeds; a changed config is refused
     res = runner.invoke(main, ["run", str(REPO / "configs" / "tiny.toml"), "--out", str(out),
                                "-q"])

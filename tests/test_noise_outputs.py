@@ -94,13 +94,14 @@ def test_schedule_matches_diffusers():
 
 
 def test_add_noise_broadcasts_over_leading_dims():
-    x0, eps = torch.randn(2, 3, 1, 4, 4), torch.randn(2, 3, 1, 4, 4)
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 3, 1, 4, 4, generator=gen), torch.randn(2, 3, 1, 4, 4, generator=gen)
     t = torch.tensor([[0, 10, 999], [5, 500, 1]])
     abar = SCHED.alphas_cumprod.numpy()[t.numpy()][..., None, None, None]
     want = np.sqrt(abar) * x0.numpy() + np.sqrt(1 - abar) * eps.numpy()
     got = add_noise(x0, eps, t, SCHED.alphas_cumprod)
     assert got.dtype == torch.float32
-    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)  # float32 vs float64
 
 
 # --- outputs ------------------------------------------------------------------------------
@@ -136,7 +137,8 @@ def test_outputs_match_numpy(name):
 
 @pytest.mark.parametrize("name", sorted(OUTPUTS))
 def test_outputs_are_vmap_safe(name):
-    pred, eps = torch.randn(4, 3, 1, 4, 4), torch.randn(4, 3, 1, 4, 4)
+    gen = torch.Generator().manual_seed(0)
+    pred, eps = torch.randn(4, 3, 1, 4, 4, generator=gen), torch.randn(4, 3, 1, 4, 4, generator=gen)
     t = torch.tensor([0, 400, 999])
     fn = get_output(name)
     batched = vmap(lambda p, e: fn(p, e, t, SCHED))(pred, eps)

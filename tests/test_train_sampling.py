@@ -47,7 +47,7 @@ def test_training_subset_and_seed(tmp_path, tiny):
     x = _images()
     r1 = train_model(x, tiny.model, tiny.train, tmp_path / "s1", indices=np.arange(16),
                      seed=1, progress=False)
-    r2 = train_model(x, tiny.model, tiny.train, tmp_path / "s2", indices=np.arange(16),
+    train_model(x, tiny.model, tiny.train, tmp_path / "s2", indices=np.arange(16),
                      seed=2, progress=False)
     assert np.isfinite(r1.final_loss)
     a, b = load_unet(tmp_path / "s1" / "unet"), load_unet(tmp_path / "s2" / "unet")

@@ -170,6 +170,22 @@ def lds_cmd(config, out, overrides, overwrite, quiet, methods, workers):
     click.echo(f"results: {run.paths.results / 'lds.json'}")
 
 
+@main.command("counterfactual")
+@_common
+@click.option("--method", "methods", multiple=True,
+              help="method(s) whose top proponents are removed (default: the config's)")
+@click.option("--workers", type=int, default=None, help="parallel training processes")
+@_friendly
+def counterfactual_cmd(config, out, overrides, overwrite, quiet, methods, workers):
+    """Remove each target's top-k proponents, retrain, regenerate, measure the change."""
+    extra = ([f"counterfactual.methods=[{','.join(repr(m) for m in methods)}]"]
+             if methods else []) + ([f"lds.workers={workers}"] if workers else [])
+    run = _open(config, out, list(overrides) + extra, overwrite, quiet)
+    res = pipeline.STAGES["counterfactual"](run)
+    click.echo("\n".join(res["table"]))
+    click.echo(f"results: {res['results']}")
+
+
 @main.command("report")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--quiet", "-q", is_flag=True)

@@ -164,7 +164,8 @@ def stage_lds(run) -> dict:
     masks = subset_masks(run)
     jobs = lds_jobs(run, masks)
     save_jobs(jobs, run.paths.lds / "jobs.json")
-    LocalExecutor(run.cfg.lds.workers, progress=run.progress).run(jobs, desc="LDS models")
+    LocalExecutor(run.cfg.lds.workers, threads_per_worker=run.cfg.torch_threads,
+                  progress=run.progress).run(jobs, desc="LDS models")
     ctx = context(run)
     records, curves, ceilings = [], [], []
     for set_name in _target_sets(run, ctx):

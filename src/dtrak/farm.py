@@ -117,7 +117,11 @@ class LocalExecutor:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.workers = workers
-        self.threads = threads_per_worker or max(1, (mp.cpu_count() or 1) // workers)
+        # None: in-process (one worker) keeps the caller's thread setting; worker processes
+        # share the cores between them.
+        self.threads = threads_per_worker
+        if self.threads is None and workers > 1:
+            self.threads = max(1, (mp.cpu_count() or 1) // workers)
         self.progress = progress
 
     def run(self, jobs: Sequence[TrainJob], desc: str = "retrain") -> None:
@@ -125,7 +129,8 @@ class LocalExecutor:
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc,
                    disable=not self.progress)
         if self.workers == 1:
-            _worker_init(self.threads)
+            if self.threads is not None:
+                _worker_init(self.threads)
             for job in todo:
                 run_job(job, progress=False)
                 bar.update()

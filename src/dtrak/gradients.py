@@ -15,10 +15,11 @@ parameter flattened row-major; ``p`` is the sum of their sizes.
 Vectorisation: ``vmap(grad(per_example))`` over examples, where ``per_example`` runs ONE
 forward over the example's ``K`` noisy copies (the model sees a batch of ``K``) and returns
 the mean of ``f`` over them. Scaled-dot-product attention is pinned to PyTorch's MATH backend
-while featurizing: the fused CPU kernel (``_scaled_dot_product_flash_attention_for_cpu``) has
-no vmap batching rule and would fall back to a slow per-example loop, whereas the MATH backend
-is composed of matmul/softmax ops that vmap batches. The model's attention processors are
-left untouched.
+while featurizing: the fused CPU kernel (``_scaled_dot_product_flash_attention_for_cpu`` and its
+backward) has no vmap batching rule, so vmap would run it in a per-example loop and warn,
+whereas the MATH backend is composed of matmul/softmax ops that vmap batches. The model's
+attention processors are left untouched (any processor calling ``F.scaled_dot_product_attention``
+benefits, e.g. diffusers' ``AttnProcessor2_0`` in UNet2DModel and UNet2DConditionModel).
 
 :func:`reference_gradients` is the oracle: a plain loop of one ``autograd.grad`` per example,
 with the default attention kernel, optionally in float64.

@@ -73,6 +73,7 @@ class Context:
     feature_dir: Callable[[str, str, str], object]  # (model_id, set, feature name) -> Path
     progress: bool = True
     trajectories: dict[str, torch.Tensor] = field(default_factory=dict)
+    run_dir: object = None  # Path of the run (methods that retrain models need it), or None
     _features: dict = field(default_factory=dict, repr=False)
     _solvers: dict = field(default_factory=dict, repr=False)
 
@@ -153,3 +154,5 @@ def _kernel(name: str, output: str, description: str) -> Method:
 
 register(_kernel("trak", "loss", "TRAK: kernel on loss-gradient features (L_Simple)"))
 register(_kernel("dtrak", "square", "D-TRAK: kernel on L_Square-gradient features"))
+
+from . import baselines  # noqa: E402,F401  (registers the baselines)

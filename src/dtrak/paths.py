@@ -16,6 +16,10 @@ Run directory layout::
     RUN/lds/models/m<MMM>-s<S>/           one retrained model per (subset, seed)
     RUN/lds/jobs.json                     the job table of the retraining farm
     RUN/lds/truth/<targets>.npy           ground-truth losses [seeds, M, targets]
+    RUN/pool/masks.npy, jobs.json         the empirical-influence / datamodel model pool:
+                                          subsets [M, N] drawn apart from the LDS ones
+    RUN/pool/models/m<MMM>-s<S>/          one pool model per (subset, seed)
+    RUN/pool/truth/<targets>.npy          pool models' losses [seeds, M, targets]
     RUN/results/lds.json                  LDS records (method, targets, lds, interval, lambda)
     RUN/counterfactual/...                counterfactual models, images, metrics
     RUN/report/index.html                 the report, with its PNG figures beside it
@@ -70,6 +74,10 @@ class RunPaths:
         return self.root / "lds"
 
     @property
+    def pool(self) -> Path:
+        return self.root / "pool"
+
+    @property
     def counterfactual(self) -> Path:
         return self.root / "counterfactual"
 
@@ -85,3 +93,9 @@ class RunPaths:
 
     def truth(self, targets: str) -> Path:
         return self.lds / "truth" / f"{targets}.npy"
+
+    def pool_model(self, subset: int, seed: int) -> Path:
+        return self.pool / "models" / f"m{subset:03d}-s{seed}"
+
+    def pool_truth(self, targets: str) -> Path:
+        return self.pool / "truth" / f"{targets}.npy"

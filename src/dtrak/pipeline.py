@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,13 +40,15 @@ class RunConfigError(ValueError):
 
 # Which outputs become stale when a config section changes (used by --overwrite).
 _DEPENDENTS = {
-    "data": ("data", "model", "gen", "features", "scores", "lds", "results", "counterfactual",
-             "report"),
-    "model": ("model", "gen", "features", "scores", "lds", "results", "counterfactual", "report"),
-    "train": ("model", "gen", "features", "scores", "lds", "results", "counterfactual", "report"),
+    "data": ("data", "model", "gen", "features", "scores", "lds", "pool", "results",
+             "counterfactual", "report"),
+    "model": ("model", "gen", "features", "scores", "lds", "pool", "results", "counterfactual",
+              "report"),
+    "train": ("model", "gen", "features", "scores", "lds", "pool", "results", "counterfactual",
+              "report"),
     "sampling": ("gen", "features", "scores", "results", "counterfactual", "report"),
     "attribution": ("features", "scores", "results", "counterfactual", "report"),
-    "lds": ("lds", "results", "report"),
+    "lds": ("lds", "pool", "results", "report"),
     "counterfactual": ("counterfactual", "report"),
 }
 
@@ -237,8 +240,10 @@ def run_stages(run: Run, stages: tuple[str, ...] | None = None,
     results = {}
     for name in stages:
         echo(f"[{name}]")
+        t0 = time.time()
         results[name] = STAGES[name](run)
-        echo(f"[{name}] {json.dumps(results[name], default=str)}")
+        echo(f"[{name}] done in {time.time() - t0:.1f} s: "
+             f"{json.dumps(results[name], default=str)[:400]}")
     (run.paths.root / "stages.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 
@@ -267,7 +272,7 @@ def context(run: Run):
                 np.load(traj, mmap_mode="r")[:n].astype(np.float32))
     ctx = Context(run.cfg, ds.train.images, sets, run.paths.model / "unet",
                   lambda m, s, f: run.paths.features(m, s, f), progress=run.progress,
-                  trajectories=trajectories)
+                  trajectories=trajectories, run_dir=run.paths.root)
     run._cache["context"] = ctx
     return ctx
 
@@ -393,3 +398,12 @@ def stage_report(run: Run) -> dict:
 
 
 STAGES["report"] = stage_report
+
+
+def _stage_counterfactual(run: Run) -> dict:
+    from .counterfactual import stage_counterfactual
+
+    return stage_counterfactual(run)
+
+
+STAGES["counterfactual"] = _stage_counterfactual
