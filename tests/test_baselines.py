@@ -258,6 +258,7 @@ def test_clip_embed_matches_the_image_processor_and_caches(clip_dir):
     emb = clip_embed(images, clip_dir, batch_size=3)
     assert emb.shape == (4, 12) and emb.dtype == np.float32
     assert clip_embed(images, clip_dir) is emb  # cached per tensor
+    np.testing.assert_allclose(clip_embed(images.numpy(), clip_dir), emb, rtol=1e-6, atol=1e-7)
     # the official processor (PIL bicubic on uint8) gives nearly the same embeddings
     u8 = ((images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     pixels = processor(images=[Image.fromarray(a).convert("RGB") for a in u8],

@@ -117,11 +117,12 @@ def _embed(model, processor, images: torch.Tensor, batch_size: int) -> np.ndarra
     return torch.cat(out).numpy()
 
 
-def clip_embed(images: torch.Tensor, clip_path: str | Path, batch_size: int = 64) -> np.ndarray:
+def clip_embed(images: torch.Tensor | np.ndarray, clip_path: str | Path, batch_size: int = 64
+               ) -> np.ndarray:
     """CLIP image embeddings ``[N, C, H, W]`` (in [-1, 1]) -> ``[N, d]`` float32.
 
-    Cached in memory per (model directory, tensor object): pass the same tensor again and
-    the embeddings are reused.
+    Cached in memory per (model directory, tensor object): pass the same tensor (or array)
+    again and the embeddings are reused.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -131,7 +132,8 @@ def clip_embed(images: torch.Tensor, clip_path: str | Path, batch_size: int = 64
     if hit is not None and hit[0]() is images and hit[1].shape[0] == images.shape[0]:
         return hit[1]
     model, processor = _load(path)
-    emb = _embed(model, processor, images, batch_size)
+    pixels = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+    emb = _embed(model, processor, pixels, batch_size)
     try:
         ref = weakref.ref(images)
     except TypeError:  # not weak-referenceable: do not cache
@@ -143,7 +145,8 @@ def clip_embed(images: torch.Tensor, clip_path: str | Path, batch_size: int = 64
     return emb
 
 
-def clip_cosine(a_images: torch.Tensor, b_images: torch.Tensor, clip_path: str | Path,
+def clip_cosine(a_images: torch.Tensor | np.ndarray, b_images: torch.Tensor | np.ndarray,
+                clip_path: str | Path,
                 batch_size: int = 64) -> np.ndarray:
     """Row-wise cosine similarity of CLIP embeddings: ``[N, C, H, W] x 2 -> [N]`` float32."""
     if a_images.shape[0] != b_images.shape[0]:

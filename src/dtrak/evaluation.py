@@ -128,13 +128,16 @@ def _evaluate(run, ctx, name: str, set_name: str, masks, truth) -> tuple[list, l
     solver = ctx.solver(method.output)
     feats = ctx.features(set_name, method.output)
     if name in ("trak", "dtrak") or name.startswith("kernel-"):
-        scores = solver.sweep(feats, lams)
+        # the LDS predictions at every lambda straight from the factorisation, without
+        # materialising the [L, T, N] score stack
+        scores, preds = None, solver.predicted_outputs_sweep(feats, lams, masks)
     else:
-        scores = np.stack([method.score(ctx, set_name, lam) for lam in lams])
+        scores, preds = np.stack([method.score(ctx, set_name, lam) for lam in lams]), None
     records = []
     curve = None
     for mode in ("paper", "heldout"):
-        sel = lds_math.select_lambda(scores, lams, masks, truth, mode=mode, n_boot=c.n_boot)
+        sel = lds_math.select_lambda(scores, lams, masks, truth, mode=mode, n_boot=c.n_boot,
+                                     predictions=preds)
         records.append({**common, "lds": sel["lds"], "ci_low": sel["ci_low"],
                         "ci_high": sel["ci_high"], "lambda": sel["lam"],
                         "lambda_rel": sel["lam"] / solver.trace_scale,
@@ -187,5 +190,5 @@ def stage_lds(run) -> dict:
     (run.paths.results / "lds.json").write_text(json.dumps(out, indent=2, default=float))
     table = format_table(records)
     (run.paths.results / "lds.txt").write_text(table + "\n")
-    log.info("LDS\n%s", table)
+    log.debug("LDS\n%s", table)
     return {"table": table.splitlines(), "ceiling": ceilings}
