@@ -226,6 +226,7 @@ for _cos in (False, True):
     register(Method(f"tracin-{_sfx}", f"TracIn: {_kind} of loss-gradient features averaged "
                     "over training checkpoints (plain mean, no learning-rate weights)",
                     _GRADIENT_SIGN + ", averaged over checkpoints", _tracin(_cos)))
+del _cos, _kind, _sfx
 
 
 # ----------------------------------------------------------------------------- kernel variants
@@ -314,7 +315,8 @@ register(Method("journey-trak", "Journey TRAK: the TRAK (loss) kernel with targe
                 "averaged along the sampling trajectory (re-noised x0_hat at each step); "
                 "generated targets only",
                 "as trak: positive = up-weighting z lowers the loss along the target's "
-                "trajectory", _journey, uses_lambda=True, outputs=("loss",), output="loss"))
+                "trajectory", _journey, uses_lambda=True, outputs=("loss",), output="loss",
+                sets=("gen",)))
 
 
 # ----------------------------------------------------------------------------- model pool
@@ -426,10 +428,8 @@ def pool_outputs(ctx: Context, set_name: str, name: str = "empirical-influence"
     jobs = _pool_jobs(run, masks)
     train_images_file(run)
     save_jobs(jobs, run.paths.pool / "jobs.json")
-    workers = run.cfg.lds.workers
-    # in-process (one worker): keep this process's torch thread count as it is
-    threads = torch.get_num_threads() if workers == 1 else None
-    LocalExecutor(workers, threads, progress=ctx.progress).run(jobs, desc="pool models")
+    LocalExecutor(run.cfg.lds.workers, threads_per_worker=run.cfg.torch_threads,
+                  progress=ctx.progress).run(jobs, desc="pool models")
     truth = _pool_truth(run, jobs, set_name, targets, ctx.sched)
     return masks, truth.mean(axis=0)
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import click
+import torch
 
 from . import pipeline
 from .config import PRESETS, ConfigError, load_config
@@ -184,6 +185,61 @@ def counterfactual_cmd(config, out, overrides, overwrite, quiet, methods, worker
     res = pipeline.STAGES["counterfactual"](run)
     click.echo("\n".join(res["table"]))
     click.echo(f"results: {res['results']}")
+
+
+@main.command("attribute")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True),
+              help="a diffusers UNet2DModel directory (e.g. RUN/model/unet)")
+@click.option("--data", required=True, type=click.Path(exists=True),
+              help="folder of the model's training images")
+@click.option("--output", "output_fn", default="square", show_default=True,
+              help="output function: square (D-TRAK), loss (TRAK), avg, l1, l2, ...")
+@click.option("--timesteps", "n_timesteps", default=10, show_default=True, help="K")
+@click.option("--proj-dim", default=2048, show_default=True, help="projection dimension k")
+@click.option("--projector", default="gaussian", show_default=True)
+@click.option("--top", "k", default=8, show_default=True, help="proponents/opponents shown")
+@click.option("--out", "out_dir", default="attribution", show_default=True,
+              type=click.Path(file_okay=False), help="where the gallery PNGs go")
+@click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
+              help="training-feature cache (default ~/.cache/dtrak/attribute)")
+@click.option("--quiet", "-q", is_flag=True)
+@_friendly
+def attribute_cmd(images, model_dir, data, output_fn, n_timesteps, proj_dim, projector, k,
+                  out_dir, cache_dir, quiet):
+    """Which training images made IMAGE? Top proponents and opponents, printed and as PNG."""
+    from .attribute import attribute_images
+    from .data import load_image_folder
+    from .featurize import FeatureSpec
+    from .figures import attribution_gallery
+    from .outputs import get_output
+
+    get_output(output_fn)
+    spec = FeatureSpec(output=output_fn, n_timesteps=n_timesteps, proj_dim=proj_dim,
+                       projector=projector)
+    results = attribute_images(model_dir, data, list(images), spec, cache_dir=cache_dir,
+                               progress=not quiet)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train = None
+    for i, res in enumerate(results):
+        click.echo(f"\n{res.target}")
+        for label, rows in (("proponents", res.top(k)), ("opponents", res.top(k, True))):
+            click.echo(f"  top {label}:")
+            for idx, score, path in rows:
+                click.echo(f"    {score:+.4e}  #{idx:<6d} {path}")
+        if train is None:
+            train = load_image_folder([str(p) for p in res.train_paths],
+                                      resolution=None)[0].numpy()
+        target = load_image_folder([str(res.target)])[0][0].numpy()
+        if target.shape != train.shape[1:]:
+            from .data import resize_images
+
+            target = resize_images(torch.from_numpy(target[None]), train.shape[-1])[0].numpy()
+        png = attribution_gallery(target, train, {output_fn: res.scores},
+                                  out / f"{i:03d}-{res.target.stem}.png", k=k,
+                                  title=str(res.target))
+        click.echo(f"  gallery: {png}")
 
 
 @main.command("report")

@@ -146,8 +146,7 @@ def clip_embed(images: torch.Tensor | np.ndarray, clip_path: str | Path, batch_s
 
 
 def clip_cosine(a_images: torch.Tensor | np.ndarray, b_images: torch.Tensor | np.ndarray,
-                clip_path: str | Path,
-                batch_size: int = 64) -> np.ndarray:
+                clip_path: str | Path, batch_size: int = 64) -> np.ndarray:
     """Row-wise cosine similarity of CLIP embeddings: ``[N, C, H, W] x 2 -> [N]`` float32."""
     if a_images.shape[0] != b_images.shape[0]:
         raise ValueError(

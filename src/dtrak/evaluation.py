@@ -161,6 +161,7 @@ def format_table(records: list[dict]) -> str:
 
 
 def stage_lds(run) -> dict:
+    from .methods import get_method
     from .pipeline import _target_sets, context
 
     t0 = time.time()
@@ -177,6 +178,8 @@ def stage_lds(run) -> dict:
             ceil = lds_math.seed_ceiling(truth, n_boot=run.cfg.lds.n_boot)
             ceilings.append({"targets": set_name, **ceil.to_dict(), "n_seeds": truth.shape[0]})
         for name in run.cfg.attribution.methods:
+            if not get_method(name).applies_to(set_name):
+                continue
             recs, crv = _evaluate(run, ctx, name, set_name, masks, truth)
             records += recs
             curves += crv

@@ -39,6 +39,10 @@ class Method:
     uses_lambda: bool = False
     outputs: tuple[str, ...] = ()  # feature outputs of the full model it needs
     output: str | None = None  # the kernel's output function, for lambda defaults
+    sets: tuple[str, ...] | None = None  # target sets it applies to (None: all)
+
+    def applies_to(self, set_name: str) -> bool:
+        return self.sets is None or set_name in self.sets
 
 
 METHODS: dict[str, Method] = {}
@@ -129,11 +133,15 @@ _LAMBDA_PRIOR = {"loss": 1e-1, "elbo": 1e-1}
 _LAMBDA_PRIOR_DEFAULT = 1e-3
 
 
+def prior_lambda_rel(output: str) -> float:
+    """The ridge prior of an output function, relative to trace(Phi^T Phi)/N."""
+    return _LAMBDA_PRIOR.get(output, _LAMBDA_PRIOR_DEFAULT)
+
+
 def default_lambda(ctx: Context, method: Method) -> float | None:
     if not method.uses_lambda:
         return None
-    rel = _LAMBDA_PRIOR.get(method.output, _LAMBDA_PRIOR_DEFAULT)
-    return rel * ctx.solver(method.output).trace_scale
+    return prior_lambda_rel(method.output) * ctx.solver(method.output).trace_scale
 
 
 def lambda_grid(ctx: Context, method: Method) -> np.ndarray:

@@ -356,6 +356,8 @@ def stage_score(run: Run) -> dict:
     for name in a.methods:
         method = get_method(name)
         for set_name in _target_sets(run, ctx):
+            if not method.applies_to(set_name):
+                continue
             lam = chosen.get((name, set_name))
             how = "lds-heldout" if lam is not None else "prior"
             if lam is None:
