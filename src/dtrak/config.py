@@ -373,7 +373,8 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
 
 def _digits() -> Config:
     # Sized for `make demo` on 2 CPU cores (about 15 minutes). Deviations from the paper,
-    # all for cost: 8x8 images, a 190K-parameter UNet, lr 1e-3, no flips (digits are not
+    # all for cost: 8x8 images, a 190K-parameter UNet, 100 epochs (800 steps; subset models
+    # 400), lr 1e-3, no flips (digits are not
     # mirror-symmetric), 20 subsets x 1 seed, 100 ground-truth timesteps, common random
     # numbers across subset models, and a sparse (SJLT) projection.
     return Config(
@@ -381,14 +382,15 @@ def _digits() -> Config:
         stages=("data", "train", "generate", "featurize", "score", "lds", "report"),
         data=DataConfig(name="digits", resolution=None, train_size=500, val_size=200),
         model=ModelConfig(preset="digits", dropout=0.0),
-        train=TrainConfig(steps=None, epochs=200, batch_size=64, lr=1e-3, hflip=False,
-                          checkpoint_every=400, seed=42, common_init=True),
+        train=TrainConfig(steps=None, epochs=100, batch_size=64, lr=1e-3, hflip=False,
+                          checkpoint_every=200, seed=42, common_init=True),
         sampling=SamplingConfig(n_images=200, steps=50, batch_size=100),
         attribution=AttributionConfig(
-            outputs=("loss", "square"), n_timesteps=10, proj_dim=2048, projector="sjlt",
+            outputs=("loss", "square", "avg", "l2"), n_timesteps=10, proj_dim=2048,
+            projector="sjlt",
             batch_size=32, n_targets=100,
-            methods=("trak", "dtrak", "random", "pixel-cos", "grad-cos", "tracin-cos",
-                     "relative-if", "renorm-if", "journey-trak")),
+            methods=("trak", "dtrak", "kernel-avg", "kernel-l2", "random", "pixel-cos",
+                     "grad-cos", "tracin-cos", "relative-if", "renorm-if", "journey-trak")),
         lds=LDSConfig(n_subsets=20, seeds=(0,), eval_timesteps=100, noise_seeds=(0,),
                       n_boot=500, workers=2),
         counterfactual=CounterfactualConfig(n_targets=10, remove=100),

@@ -98,7 +98,10 @@ def build_scheduler(cfg: ModelConfig, kind: str = "ddpm") -> DDPMScheduler | DDI
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
         beta_schedule="linear",
-        clip_sample=False,
+        # diffusers' default and the DDPM CIFAR pipelines': clip the predicted x0 to [-1, 1]
+        # at each sampling step (training never uses it). Without it, an undertrained model
+        # sends a few samples off into saturated noise.
+        clip_sample=True,
     )
     if kind == "ddpm":
         return DDPMScheduler(**common)

@@ -1,0 +1,95 @@
+"""Feature store and featurization: resume, shards, batch invariance, refusal to mix."""
+
+import numpy as np
+import pytest
+import torch
+
+import dtrak.featurize as featurize_mod
+from dtrak.config import ModelConfig, preset
+from dtrak.featurize import FeatureSpec, featurize_into
+from dtrak.gradients import UNet2DAdapter
+from dtrak.model import build_scheduler, build_unet
+from dtrak.noise import ScheduleConstants
+from dtrak.store import FeatureStore, StoreMismatchError, parse_shard
+
+SPEC = FeatureSpec(output="square", n_timesteps=2, projector="gaussian", proj_dim=16)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = build_unet(preset("tiny").model, 1, 8, seed=0)
+    sched = ScheduleConstants.from_scheduler(build_scheduler(ModelConfig()))
+    x = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return UNet2DAdapter(model), sched, x
+
+
+def _run(setup, path, **kw):
+    adapter, sched, x = setup
+    return featurize_into(adapter, x, path, kw.pop("spec", SPEC), sched, "m", "train",
+                          progress=False, **kw)
+
+
+def test_batch_size_and_shards_give_identical_features(setup, tmp_path):
+    a = _run(setup, tmp_path / "a", batch_size=10).load()
+    b = _run(setup, tmp_path / "b", batch_size=3).load()
+    # the noise and projection are exactly the same; batched float32 kernels round
+    # differently for different batch shapes, so equality is up to that rounding
+    tol = 1e-4 * np.abs(a).max()
+    np.testing.assert_allclose(a, b, rtol=0, atol=tol)
+    for i in range(3):  # three shard workers on one store
+        _run(setup, tmp_path / "c", batch_size=2, shard=(i, 3))
+    c = FeatureStore.open(tmp_path / "c")
+    assert c.complete
+    np.testing.assert_allclose(a, c.load(), rtol=0, atol=tol)
+    # the same batch layout is bit-identical
+    np.testing.assert_array_equal(b, _run(setup, tmp_path / "d", batch_size=3).load())
+
+
+def test_resume_after_kill_is_bit_identical(setup, tmp_path, monkeypatch):
+    full = _run(setup, tmp_path / "full", batch_size=4).load()
+    real = featurize_mod.per_sample_gradients
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(featurize_mod, "per_sample_gradients", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _run(setup, tmp_path / "killed", batch_size=4)
+    store = FeatureStore.open(tmp_path / "killed")
+    assert store.done.sum() == 4 and not store.complete
+    with pytest.raises(ValueError, match="incomplete"):
+        store.load()
+    monkeypatch.setattr(featurize_mod, "per_sample_gradients", real)
+    resumed = _run(setup, tmp_path / "killed", batch_size=4).load()
+    np.testing.assert_array_equal(full, resumed)
+
+
+def test_store_refuses_other_settings(setup, tmp_path):
+    _run(setup, tmp_path / "s", batch_size=10)
+    other = FeatureSpec(output="loss", n_timesteps=2, projector="gaussian", proj_dim=16)
+    with pytest.raises(StoreMismatchError, match="other settings"):
+        _run(setup, tmp_path / "s", spec=other)
+    # --overwrite recomputes
+    _run(setup, tmp_path / "s", spec=other, overwrite=True)
+
+
+def test_parse_shard():
+    assert parse_shard("1/4") == (1, 4) and parse_shard(None) == (0, 1)
+    for bad in ("4/4", "a/b", "1"):
+        with pytest.raises(ValueError, match="shard"):
+            parse_shard(bad)
+
+
+def test_non_finite_gradients_name_the_example(setup, tmp_path):
+    adapter, sched, x = setup
+    bad = x.clone()
+    bad[3] = float("nan")
+    with pytest.raises(ValueError, match="3"):
+        featurize_into(adapter, bad, tmp_path / "nan", SPEC, sched, "m", "train",
+                       batch_size=2, progress=False)
+    # what was computed before the bad batch is kept
+    assert FeatureStore.open(tmp_path / "nan").done.sum() == 2
