@@ -413,14 +413,18 @@ def _tiny() -> Config:
 
 
 def _cifar2_cpu() -> Config:
+    # Real CIFAR-2 sized for 2 CPU cores: 1000 training images at 16x16, a 1.2M-parameter
+    # UNet, 100 epochs; the paper's protocol otherwise (stratified splits, K = 10 uniform
+    # timesteps, lambda chosen both ways). Pass the data with --set data.root=PATH.
     return Config(
         name="cifar2-cpu",
         data=DataConfig(name="cifar2", resolution=16, train_size=1000, val_size=200),
         model=ModelConfig(preset="cifar-cpu", dropout=0.1),
-        train=TrainConfig(steps=4000, batch_size=64, lr=5e-4, hflip=True, checkpoint_every=1000),
+        train=TrainConfig(steps=None, epochs=100, batch_size=64, lr=5e-4, hflip=True,
+                          checkpoint_every=400, common_init=True),
         sampling=SamplingConfig(n_images=200, steps=50, batch_size=100),
         attribution=AttributionConfig(outputs=("loss", "square"), n_timesteps=10,
-                                      proj_dim=4096, projector="srht", batch_size=16,
+                                      proj_dim=4096, projector="sjlt", batch_size=16,
                                       n_targets=100),
         lds=LDSConfig(n_subsets=24, seeds=(0,), eval_timesteps=100, noise_seeds=(0,),
                       n_boot=500, workers=2),

@@ -25,7 +25,7 @@ Lambda. The paper grid is :data:`PAPER_LAMBDAS` ({1, 2, 5} x 10^e, e = -2..6), a
 Small prototypes (SPEC section 7) found that the best lambda differs by orders of magnitude
 between output functions (about 0.1 x trace/N for the loss, 1e-3..1e-4 x trace/N for the D-TRAK
 functions), so :func:`lambda_grid` also offers a *relative* grid: {1, 2, 5} x 10^e for
-e = -6..1, times ``KernelSolver.trace_scale = trace(Phi^T Phi) / N``. Select lambda per method
+e = -6..3, times ``KernelSolver.trace_scale = trace(Phi^T Phi) / N``. Select lambda per method
 (see :func:`dtrak.lds.select_lambda`).
 """
 
@@ -70,8 +70,10 @@ def _decade_grid(exponents: Sequence[int], mantissas: Sequence[float]) -> tuple[
 
 #: The paper's lambda grid: {1, 2, 5} x 10^e for e = -2..6 (27 values, absolute).
 PAPER_LAMBDAS: tuple[float, ...] = _decade_grid(range(-2, 7), (1, 2, 5))
-#: The default relative grid: {1, 2, 5} x 10^e for e = -6..1 (24 values), times trace/N.
-RELATIVE_LAMBDAS: tuple[float, ...] = _decade_grid(range(-6, 2), (1, 2, 5))
+#: The default relative grid: {1, 2, 5} x 10^e for e = -6..3 (30 values), times trace/N.
+#: It reaches far above trace/N: at large lambda the kernel tends to a plain gradient dot
+#: product, and some output functions prefer that end (a grid edge would truncate them).
+RELATIVE_LAMBDAS: tuple[float, ...] = _decade_grid(range(-6, 4), (1, 2, 5))
 
 
 def lambda_grid(
@@ -86,7 +88,7 @@ def lambda_grid(
         scale: ``"absolute"`` (alias ``"paper"``): the values themselves, by default the
             paper's :data:`PAPER_LAMBDAS`. ``"relative"``: the values times ``trace_scale``
             (the kernel's scale ``trace(Phi^T Phi) / N``, :attr:`KernelSolver.trace_scale`),
-            by default :data:`RELATIVE_LAMBDAS` (e = -6..1). Relative is the better default
+            by default :data:`RELATIVE_LAMBDAS` (e = -6..3). Relative is the better default
             because the best lambda moves by orders of magnitude between output functions
             (about 0.1 x trace/N for ``loss``, 1e-3..1e-4 x trace/N for D-TRAK functions).
         trace_scale: required for ``"relative"``; must be > 0.
@@ -102,7 +104,7 @@ def lambda_grid(
                 f"lambda_grid('relative') needs trace_scale > 0, got {trace_scale!r}; "
                 "pass KernelSolver(train_features).trace_scale"
             )
-        exps = range(-6, 2) if exponents is None else exponents
+        exps = range(-6, 4) if exponents is None else exponents
         grid = np.array(_decade_grid(exps, mantissas)) * float(trace_scale)
     else:
         raise ValueError(
