@@ -54,7 +54,7 @@ def test_paper_lambdas_are_the_papers_grid():
 def test_relative_grid_scales_with_trace():
     grid = lambda_grid("relative", trace_scale=3.0)
     np.testing.assert_allclose(grid, 3.0 * np.array(sorted(RELATIVE_LAMBDAS)))
-    assert len(grid) == 24 and grid[0] == pytest.approx(3e-6) and grid[-1] == pytest.approx(150.0)
+    assert len(grid) == 30 and grid[0] == pytest.approx(3e-6) and grid[-1] == pytest.approx(15000.0)
     np.testing.assert_allclose(
         lambda_grid("relative", trace_scale=2.0, exponents=[-1], mantissas=[1.0]), [0.2]
     )
