@@ -26,20 +26,30 @@ def test_tiny_run_end_to_end(tmp_path):
     gen = np.load(out / "gen" / "images.npy")
     assert gen.shape == (8, 1, 8, 8) and np.abs(gen).max() <= 1
     assert (out / "gen" / "grid.png").exists()
-    # attribution engine
-    for method in ("trak", "dtrak"):
+    # attribution engine and every baseline of the config
+    methods = saved["attribution"]["methods"]
+    assert len(methods) == 14
+    for method in methods:
         for targets, n in (("val", 16), ("gen", 8)):
-            s = np.load(out / "scores" / method / f"{targets}.npy")
-            assert s.shape == (n, 64) and np.isfinite(s).all()
-    # LDS
+            path = out / "scores" / method / f"{targets}.npy"
+            if method == "journey-trak" and targets == "val":
+                assert not path.exists()  # generated targets only
+                continue
+            s = np.load(path)
+            assert s.shape == (n, 64) and np.isfinite(s).all(), method
+    # LDS: kernel methods get both lambda selections, the others one record
     lds = json.loads((out / "results" / "lds.json").read_text())
     recs = lds["records"]
-    assert {(r["method"], r["targets"], r["lambda_selection"]) for r in recs} == {
-        (m, t, sel) for m in ("trak", "dtrak") for t in ("val", "gen")
-        for sel in ("paper", "heldout")}
+    keys = {(r["method"], r["targets"], r["lambda_selection"]) for r in recs}
+    for m in ("trak", "dtrak", "relative-if", "renorm-if"):
+        for t in ("val", "gen"):
+            assert {(m, t, "paper"), (m, t, "heldout")} <= keys
+    assert ("journey-trak", "gen", "heldout") in keys
+    assert ("random", "val", None) in keys and ("datamodel", "gen", None) in keys
     for r in recs:
         assert -100 <= r["ci_low"] <= r["ci_high"] <= 100
-        assert r["n_subsets"] == 4 and r["lambda"] > 0
+        assert r["n_subsets"] == 4
+        assert (r["lambda"] > 0) if r["lambda_selection"] else r["lambda"] is None
     # counterfactual
     cf = json.loads((out / "results" / "counterfactual.json").read_text())
     assert {r["method"] for r in cf["records"]} == {"random", "trak", "dtrak"}

@@ -344,8 +344,10 @@ def write_scores(run: Run, method_name: str, set_name: str, scores: np.ndarray, 
 def stage_score(run: Run) -> dict:
     """Score matrices [targets, train] for each configured method and target set.
 
-    Lambda: the one LDS selected on held-out targets when ``results/lds.json`` exists,
-    else the prior of :func:`dtrak.methods.default_lambda`.
+    Lambda: the one LDS selected on held-out targets when ``results/lds.json`` exists at the
+    time a matrix is first computed, else the prior of :func:`dtrak.methods.default_lambda`;
+    the choice is recorded in its ``.json``. Existing matrices are kept (delete one, or use
+    ``--overwrite`` with a changed config, to recompute it).
     """
     from .methods import default_lambda, get_method
 
@@ -357,6 +359,10 @@ def stage_score(run: Run) -> dict:
         method = get_method(name)
         for set_name in _target_sets(run, ctx):
             if not method.applies_to(set_name):
+                continue
+            path = run.paths.scores(name, set_name)
+            if path.exists():  # done: later stages (counterfactual) rely on these exact scores
+                out[f"{name}/{set_name}"] = str(path)
                 continue
             lam = chosen.get((name, set_name))
             how = "lds-heldout" if lam is not None else "prior"
