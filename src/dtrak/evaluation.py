@@ -127,7 +127,7 @@ def _evaluate(run, ctx, name: str, set_name: str, masks, truth) -> tuple[list, l
     lams = lambda_grid(ctx, method)
     solver = ctx.solver(method.output)
     feats = ctx.features(set_name, method.output)
-    if name in ("trak", "dtrak") or name.startswith("kernel-"):
+    if method.kernel:
         # the LDS predictions at every lambda straight from the factorisation, without
         # materialising the [L, T, N] score stack
         scores, preds = None, solver.predicted_outputs_sweep(feats, lams, masks)

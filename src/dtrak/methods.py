@@ -40,6 +40,7 @@ class Method:
     outputs: tuple[str, ...] = ()  # feature outputs of the full model it needs
     output: str | None = None  # the kernel's output function, for lambda defaults
     sets: tuple[str, ...] | None = None  # target sets it applies to (None: all)
+    kernel: bool = False  # plain TRAK-style kernel: LDS over lambda straight from the solver
 
     def applies_to(self, set_name: str) -> bool:
         return self.sets is None or set_name in self.sets
@@ -157,7 +158,7 @@ def _kernel(name: str, output: str, description: str) -> Method:
 
     return Method(name, description,
                   "positive: up-weighting z lowers the target's output (helps)",
-                  score, uses_lambda=True, outputs=(output,), output=output)
+                  score, uses_lambda=True, outputs=(output,), output=output, kernel=True)
 
 
 register(_kernel("trak", "loss", "TRAK: kernel on loss-gradient features (L_Simple)"))
