@@ -38,6 +38,7 @@ class Attribution:
     target: Path
     scores: np.ndarray
     train_paths: list[Path]
+    train_images: torch.Tensor  # [N, C, H, W] in [-1, 1], shared by all targets of a call
 
     def top(self, k: int, opponents: bool = False) -> list[tuple[int, float, Path]]:
         order = np.argsort(self.scores, kind="stable")
@@ -108,4 +109,5 @@ def attribute_images(
     solver = KernelSolver(phi_train)
     rel = lam_rel if lam_rel is not None else prior_lambda_rel(spec.output)
     scores = solver.scores(tstore.load(), rel * solver.trace_scale)
-    return [Attribution(p, s, train_paths) for p, s in zip(target_paths, scores, strict=True)]
+    return [Attribution(p, s, train_paths, train)
+            for p, s in zip(target_paths, scores, strict=True)]

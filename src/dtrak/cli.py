@@ -221,16 +221,13 @@ def attribute_cmd(images, model_dir, data, output_fn, n_timesteps, proj_dim, pro
                                progress=not quiet)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = None
     for i, res in enumerate(results):
         click.echo(f"\n{res.target}")
         for label, rows in (("proponents", res.top(k)), ("opponents", res.top(k, True))):
             click.echo(f"  top {label}:")
             for idx, score, path in rows:
                 click.echo(f"    {score:+.4e}  #{idx:<6d} {path}")
-        if train is None:
-            train = load_image_folder([str(p) for p in res.train_paths],
-                                      resolution=None)[0].numpy()
+        train = res.train_images.numpy()
         target = load_image_folder([str(res.target)])[0][0].numpy()
         if target.shape != train.shape[1:]:
             from .data import resize_images
