@@ -356,3 +356,39 @@ def test_datamodel_alpha_is_the_leave_one_out_best():
 def test_pool_methods_need_a_run(world):
     with pytest.raises(ValueError, match="run directory"):
         METHODS["datamodel"].score(world, "val", None)
+
+
+def test_method_at_k_timesteps_uses_k_timestep_features(world):
+    """``name@K`` is the same method on features taken at K timesteps (the ablation's K)."""
+    m = get_method("dtrak@3")
+    assert m.name == "dtrak@3" and m.n_timesteps == 3 and m.output == "square" and m.kernel
+    assert get_method("dtrak@3") is m and get_method("dtrak").n_timesteps is None
+    kctx = m.context(world)
+    assert kctx.cfg.attribution.n_timesteps == 3 and world.cfg.attribution.n_timesteps == 2
+    assert kctx.spec("square").name != world.spec("square").name
+    # direct: square-gradient features at 3 uniform timesteps, projected like the store's
+    model = load_unet(world.model_dir)
+    spec = kctx.spec("square")
+    p = sum(n for _, n in param_order(model))
+
+    def direct(set_name):
+        x0 = world.examples(set_name)
+        g = per_sample_gradients(UNet2DAdapter(model), x0, torch.arange(x0.shape[0]), "square",
+                                 spec.timesteps(1000), world.sched,
+                                 seed_from(spec.noise_seed, "set", set_name) % (2**62))
+        return projector_for(spec, p, "full").project(g).float().numpy().astype(np.float64)
+
+    phi, phi_t = direct("train"), direct("val")
+    lam = 1e-3 * float(np.mean(np.sum(phi**2, axis=1)))
+    np.testing.assert_allclose(m.score(world, "val", lam),
+                               scoring.solve_reference(phi, phi_t, lam), rtol=2e-3, atol=1e-6)
+    # the K = 2 method is a different computation, and both solvers are kept side by side
+    assert not np.allclose(get_method("dtrak").score(world, "val", lam),
+                           m.score(world, "val", lam), atol=1e-6)
+    assert world.solver("square") is not kctx.solver("square")
+    # any method takes @K; a bad K says how to write it
+    assert get_method("relative-if@3").n_timesteps == 3
+    with pytest.raises(ValueError, match="number of timesteps"):
+        get_method("trak@ten")
+    with pytest.raises(ValueError, match="unknown attribution method"):
+        get_method("nope@10")

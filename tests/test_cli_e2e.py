@@ -28,7 +28,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert (out / "gen" / "grid.png").exists()
     # attribution engine and every baseline of the config
     methods = saved["attribution"]["methods"]
-    assert len(methods) == 14
+    assert len(methods) == 15
     for method in methods:
         for targets, n in (("val", 16), ("gen", 8)):
             path = out / "scores" / method / f"{targets}.npy"
@@ -45,6 +45,10 @@ def test_tiny_run_end_to_end(tmp_path):
         for t in ("val", "gen"):
             assert {(m, t, "paper"), (m, t, "heldout")} <= keys
     assert ("journey-trak", "gen", "heldout") in keys
+    # method@K: its own features (K = 5 instead of 3), recorded with its K
+    assert (out / "features" / "full" / "train" / "square-uniform5-gaussian64").is_dir()
+    assert {r["n_timesteps"] for r in recs if r["method"] == "dtrak@5"} == {5}
+    assert {r["n_timesteps"] for r in recs if r["method"] == "dtrak"} == {3}
     assert ("random", "val", None) in keys and ("datamodel", "gen", None) in keys
     for r in recs:
         assert -100 <= r["ci_low"] <= r["ci_high"] <= 100

@@ -119,14 +119,15 @@ def _evaluate(run, ctx, name: str, set_name: str, masks, truth) -> tuple[list, l
     method = get_method(name)
     common = {"method": name, "targets": set_name, "n_subsets": int(masks.shape[0]),
               "n_targets": int(truth.shape[-1]), "n_seeds": int(truth.shape[0]),
-              "n_timesteps": run.cfg.attribution.n_timesteps,
+              "n_timesteps": method.n_timesteps or run.cfg.attribution.n_timesteps,
               "proj_dim": run.cfg.attribution.proj_dim, "projector": run.cfg.attribution.projector}
     if not method.uses_lambda:
         res = lds_math.lds(method.score(ctx, set_name, None), masks, truth, c.n_boot)
         return [{**common, **res.to_dict(), "lambda": None, "lambda_selection": None}], []
     lams = lambda_grid(ctx, method)
-    solver = ctx.solver(method.output)
-    feats = ctx.features(set_name, method.output)
+    mctx = method.context(ctx)
+    solver = mctx.solver(method.output)
+    feats = mctx.features(set_name, method.output)
     if method.kernel:
         # the LDS predictions at every lambda straight from the factorisation, without
         # materialising the [L, T, N] score stack

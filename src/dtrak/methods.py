@@ -41,9 +41,14 @@ class Method:
     output: str | None = None  # the kernel's output function, for lambda defaults
     sets: tuple[str, ...] | None = None  # target sets it applies to (None: all)
     kernel: bool = False  # plain TRAK-style kernel: LDS over lambda straight from the solver
+    n_timesteps: int | None = None  # K of its features (None: attribution.n_timesteps)
 
     def applies_to(self, set_name: str) -> bool:
         return self.sets is None or set_name in self.sets
+
+    def context(self, ctx: Context) -> Context:
+        """The context this method reads its features from (its own K, if it has one)."""
+        return ctx if self.n_timesteps is None else ctx.at_timesteps(self.n_timesteps)
 
 
 METHODS: dict[str, Method] = {}
@@ -55,8 +60,15 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
+    """A registered method, ``kernel-<output>``, or either with ``@K`` (K timesteps)."""
     if name in METHODS:
         return METHODS[name]
+    if "@" in name:
+        base_name, _, k = name.partition("@")
+        if not k.isdigit() or int(k) < 1:
+            raise ValueError(f"method {name!r}: after '@' give the number of timesteps K >= 1, "
+                             f"e.g. {base_name}@100")
+        return register(_at_timesteps(get_method(base_name), int(k)))
     if name.startswith("kernel-") and name[7:] in OUTPUTS:
         return register(_kernel(name, name[7:], f"TRAK-style kernel on {name[7:]} features"))
     known = ", ".join(list(METHODS) + [f"kernel-{o}" for o in OUTPUTS])
@@ -104,6 +116,20 @@ class Context:
             raise ValueError(f"unknown target set {set_name!r}; have {', '.join(self.sets)}")
         return self.sets[set_name]
 
+    def at_timesteps(self, n_timesteps: int) -> Context:
+        """This context with ``attribution.n_timesteps = K`` (features and solvers shared:
+        they are keyed by the feature spec, which names K)."""
+        if n_timesteps == self.cfg.attribution.n_timesteps:
+            return self
+        cfg = replace(self.cfg, attribution=replace(self.cfg.attribution,
+                                                    n_timesteps=n_timesteps))
+        other = replace(self, cfg=cfg)
+        other._features, other._solvers = self._features, self._solvers
+        for name in ("sched", "adapter"):  # reuse the loaded model and schedule
+            if name in self.__dict__:
+                other.__dict__[name] = self.__dict__[name]
+        return other
+
     def features(self, set_name: str, output: str, adapter=None, model_id: str = "full",
                  spec: FeatureSpec | None = None, examples: torch.Tensor | None = None,
                  timestep_values: torch.Tensor | None = None) -> np.ndarray:
@@ -121,7 +147,7 @@ class Context:
         return self._features[key]
 
     def solver(self, output: str, model_id: str = "full") -> scoring.KernelSolver:
-        key = (model_id, output)
+        key = (model_id, self.spec(output).name)
         if key not in self._solvers:
             self._solvers[key] = scoring.KernelSolver(self.features("train", output))
         return self._solvers[key]
@@ -142,10 +168,12 @@ def prior_lambda_rel(output: str) -> float:
 def default_lambda(ctx: Context, method: Method) -> float | None:
     if not method.uses_lambda:
         return None
+    ctx = method.context(ctx)
     return prior_lambda_rel(method.output) * ctx.solver(method.output).trace_scale
 
 
 def lambda_grid(ctx: Context, method: Method) -> np.ndarray:
+    ctx = method.context(ctx)
     solver = ctx.solver(method.output)
     scale = ctx.cfg.attribution.lambdas
     return scoring.lambda_grid("absolute" if scale == "paper" else "relative",
@@ -159,6 +187,16 @@ def _kernel(name: str, output: str, description: str) -> Method:
     return Method(name, description,
                   "positive: up-weighting z lowers the target's output (helps)",
                   score, uses_lambda=True, outputs=(output,), output=output, kernel=True)
+
+
+def _at_timesteps(base: Method, k: int) -> Method:
+    """``base`` with its features taken at ``k`` timesteps (the ``method@K`` names)."""
+
+    def score(ctx: Context, set_name: str, lam: float | None) -> np.ndarray:
+        return base.score(ctx.at_timesteps(k), set_name, lam)
+
+    return replace(base, name=f"{base.name}@{k}", description=f"{base.description} (K = {k})",
+                   score=score, n_timesteps=k)
 
 
 register(_kernel("trak", "loss", "TRAK: kernel on loss-gradient features (L_Simple)"))

@@ -292,14 +292,18 @@ def stage_featurize(run: Run) -> dict:
     from .methods import get_method
 
     ctx = context(run)
-    outputs = list(dict.fromkeys(
-        list(run.cfg.attribution.outputs)
-        + [o for m in run.cfg.attribution.methods for o in get_method(m).outputs]))
+    K = run.cfg.attribution.n_timesteps
+    # (K, output) pairs: the configured outputs, then what each method needs at its own K
+    wanted = [(K, o) for o in run.cfg.attribution.outputs]
+    for name in run.cfg.attribution.methods:
+        method = get_method(name)
+        wanted += [(method.n_timesteps or K, o) for o in method.outputs]
     done = {}
-    for output in outputs:
+    for k, output in dict.fromkeys(wanted):
+        kctx = ctx.at_timesteps(k)
         for set_name in ["train", *_target_sets(run, ctx)]:
-            feats = ctx.features(set_name, output)
-            done[f"{set_name}/{ctx.spec(output).name}"] = list(feats.shape)
+            feats = kctx.features(set_name, output)
+            done[f"{set_name}/{kctx.spec(output).name}"] = list(feats.shape)
     return done
 
 
@@ -371,7 +375,8 @@ def stage_score(run: Run) -> dict:
             scores = method.score(ctx, set_name, lam)
             meta = {"method": name, "targets": set_name, "lambda": lam,
                     "lambda_selection": how if method.uses_lambda else None,
-                    "shape": list(scores.shape), "n_timesteps": a.n_timesteps,
+                    "shape": list(scores.shape),
+                    "n_timesteps": method.n_timesteps or a.n_timesteps,
                     "timesteps": a.timesteps, "proj_dim": a.proj_dim, "projector": a.projector,
                     "outputs": list(method.outputs), "sign": method.sign}
             path = write_scores(run, name, set_name, scores, meta)
