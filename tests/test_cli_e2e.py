@@ -54,6 +54,12 @@ def test_tiny_run_end_to_end(tmp_path):
         assert -100 <= r["ci_low"] <= r["ci_high"] <= 100
         assert r["n_subsets"] == 4
         assert (r["lambda"] > 0) if r["lambda_selection"] else r["lambda"] is None
+    # paired comparison from the CLI
+    res = runner.invoke(main, ["compare", "dtrak", "random", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "val: LDS(dtrak) - LDS(random) = " in res.output and "gen: " in res.output
+    res = runner.invoke(main, ["compare", "dtrak", "clip-dot", "--out", str(out)])
+    assert res.exit_code == 2 and "no LDS of 'clip-dot'" in res.output
     # counterfactual
     cf = json.loads((out / "results" / "counterfactual.json").read_text())
     assert {r["method"] for r in cf["records"]} == {"random", "trak", "dtrak"}

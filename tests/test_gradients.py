@@ -13,6 +13,7 @@ from dtrak.gradients import (
     output_values,
     param_order,
     per_sample_gradients,
+    per_sample_gradients_multi,
     reference_gradients,
 )
 from dtrak.noise import ScheduleConstants, example_noise, timesteps
@@ -60,6 +61,19 @@ def test_oracle_float64(unet64, x0, output):
     assert fast.shape == (3, sum(p.numel() for p in unet64.parameters()))
     assert ref.abs().max() > 0
     torch.testing.assert_close(fast, ref, rtol=1e-8, atol=1e-12)
+
+
+def test_multi_output_gradients_equal_the_reference_per_output(unet64, x0):
+    """One forward pass for all seven output functions (the ablation's fast path)."""
+    a = UNet2DAdapter(unet64)
+    outs = ["loss", "elbo", "square", "avg", "l1", "l2", "linf"]
+    multi = per_sample_gradients_multi(a, x0, IDS, outs, TS, SCHED, noise_seed=3)
+    assert multi.shape == (7, 3, sum(p.numel() for p in unet64.parameters()))
+    for j, o in enumerate(outs):
+        ref = reference_gradients(a, x0, IDS, o, TS, SCHED, noise_seed=3)
+        torch.testing.assert_close(multi[j], ref, rtol=1e-8, atol=1e-12)
+    with pytest.raises(ValueError, match="at least one output"):
+        per_sample_gradients_multi(a, x0, IDS, [], TS, SCHED, noise_seed=3)
 
 
 def test_float32_vectorised_path_matches_sdpa_reference_without_fallback(unet32, x0):

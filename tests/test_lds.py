@@ -11,6 +11,7 @@ from sklearn.model_selection import train_test_split
 
 from dtrak import lds as lds_mod
 from dtrak.lds import (
+    difference,
     lds,
     per_target_spearman_by_lambda,
     predicted_outputs,
@@ -228,6 +229,7 @@ def test_select_lambda_paper_mode_picks_the_best():
     preds = predictions_by_lambda(stack, masks)
     assert preds.shape == (3, 24, 10)
     again = select_lambda(None, [0.1, 1.0, 10.0], masks, actual, n_boot=30, predictions=preds)
+    np.testing.assert_array_equal(again.pop("pred"), out.pop("pred"))
     assert again == out
     with pytest.raises(ValueError, match="mode"):
         select_lambda(stack, [0.1, 1.0, 10.0], masks, actual, mode="oracle")
@@ -268,3 +270,46 @@ def test_heldout_selection_agrees_with_paper_when_one_lambda_wins():
     paper = select_lambda(stack, [1.0, 2.0], masks, actual, mode="paper", n_boot=0)
     assert held["lams_heldout"] == [2.0, 2.0] and held["lam"] == paper["lam"] == 2.0
     assert held["lds"] == pytest.approx(paper["lds"])  # equal halves (12 targets)
+
+
+# --- paired comparison -------------------------------------------------------------------------
+
+
+def test_difference_is_the_gap_with_a_paired_interval():
+    masks, scores, actual = _problem(m=20, n=60, t=12, noise=2.0, seed=5)
+    rng = np.random.default_rng(7)
+    worse = scores + 1.5 * rng.standard_normal(scores.shape)
+    pa, pb = predicted_outputs(scores, masks), predicted_outputs(worse, masks)
+    a, b = lds(scores, masks, actual, n_boot=400), lds(worse, masks, actual, n_boot=400)
+    d = difference(pa, pb, actual, n_boot=400)
+    assert d["diff"] == pytest.approx(a.lds - b.lds)
+    assert d["ci_low"] < d["diff"] < d["ci_high"] and 0 <= d["p_le_0"] <= 1
+    # the paired resamples are those of lds(): each side's interval comes back
+    same = difference(pa, pa, actual, n_boot=400)
+    assert same["diff"] == 0 and same["ci_low"] == same["ci_high"] == 0
+    # pairing removes the shared subset noise: narrower than the two intervals side by side
+    assert d["ci_high"] - d["ci_low"] < (a.ci_high - a.ci_low) + (b.ci_high - b.ci_low)
+    # weights: the held-out selection's target weights give the weighted gap
+    w = np.r_[np.full(6, 1 / 12), np.full(6, 1 / 4)]
+    dw = difference(pa, pb, actual, weights=w, n_boot=0)
+    ra, rb = spearman_rows(pa, actual), spearman_rows(pb, actual)
+    assert dw["diff"] == pytest.approx(100 * (np.sum(w * ra) - np.sum(w * rb)) / w.sum())
+    assert np.isnan(dw["ci_low"])
+    with pytest.raises(ValueError):
+        difference(pa[:, :5], pb, actual)
+
+
+def test_select_lambda_returns_the_predictions_it_scored():
+    masks, scores, actual = _problem(t=12)
+    stack = np.stack([scores * 0 + np.random.default_rng(1).standard_normal(scores.shape),
+                      scores])
+    for mode in ("paper", "heldout"):
+        sel = select_lambda(stack, [1.0, 2.0], masks, actual, mode=mode, n_boot=0)
+        assert sel["pred"].shape == actual.shape
+        if mode == "paper":
+            np.testing.assert_allclose(sel["pred"], predicted_outputs(scores, masks))
+            assert sel["weights"] is None
+        else:
+            assert sel["weights"].shape == (12,)
+            d = difference(sel["pred"], sel["pred"], actual, sel["weights"], n_boot=0)
+            assert d["diff"] == 0

@@ -6,7 +6,9 @@ import torch
 
 import dtrak.featurize as featurize_mod
 from dtrak.config import ModelConfig, preset
-from dtrak.featurize import FeatureSpec, featurize_into
+from dataclasses import replace
+
+from dtrak.featurize import FeatureSpec, featurize_into, featurize_many
 from dtrak.gradients import UNet2DAdapter
 from dtrak.model import build_scheduler, build_unet
 from dtrak.noise import ScheduleConstants
@@ -93,3 +95,25 @@ def test_non_finite_gradients_name_the_example(setup, tmp_path):
                        batch_size=2, progress=False)
     # what was computed before the bad batch is kept
     assert FeatureStore.open(tmp_path / "nan").done.sum() == 2
+
+
+def test_featurize_many_equals_one_output_at_a_time_and_completes_stores(setup, tmp_path):
+    adapter, sched, x = setup
+    outs = ["loss", "square", "l2"]
+    single = {o: _run(setup, tmp_path / f"one-{o}", spec=replace(SPEC, output=o),
+                      batch_size=4).load() for o in outs}
+    # a store already half written one output at a time is completed, its rows kept
+    part = tmp_path / "many-square"
+    _run(setup, part, spec=replace(SPEC, output="square"), batch_size=4)
+    st = FeatureStore.open(part)
+    kept = np.array(st.features[:5])
+    st.done[5:] = 0
+    st.done.flush()
+    stores = featurize_many(adapter, x, {o: tmp_path / f"many-{o}" for o in outs}, SPEC, sched,
+                            "m", "train", batch_size=4, progress=False)
+    for o in outs:
+        got = stores[o].load()
+        np.testing.assert_allclose(got, single[o], rtol=0, atol=1e-4 * np.abs(single[o]).max())
+        # the same store as featurize_into's: reopening it with that spec is accepted
+        assert _run(setup, tmp_path / f"many-{o}", spec=replace(SPEC, output=o)).complete
+    np.testing.assert_array_equal(stores["square"].load()[:5], kept)

@@ -171,6 +171,28 @@ def lds_cmd(config, out, overrides, overwrite, quiet, methods, workers):
     click.echo(f"results: {run.paths.results / 'lds.json'}")
 
 
+@main.command("compare")
+@click.argument("method_a")
+@click.argument("method_b")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+              help="run directory with an LDS stage done")
+@click.option("--targets", "sets", default="val,gen", show_default=True,
+              help="comma-separated target sets")
+@click.option("--selection", type=click.Choice(["heldout", "paper"]), default="heldout",
+              show_default=True, help="lambda choice of methods that have one")
+@_friendly
+def compare_cmd(method_a, method_b, out, sets, selection):
+    """LDS(A) - LDS(B) with a paired 95% bootstrap interval (same resampled subsets)."""
+    from .evaluation import compare
+
+    run = pipeline.open_run(out, None, progress=False)
+    for set_name in (s.strip() for s in sets.split(",")):
+        r = compare(run, method_a, method_b, set_name, selection)
+        click.echo(f"{set_name}: LDS({method_a}) - LDS({method_b}) = {r['diff']:+.2f} "
+                   f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] points ({selection} lambda, "
+                   f"{r['n_boot']} paired resamples, P(diff <= 0) = {r['p_le_0']:.3f})")
+
+
 @main.command("counterfactual")
 @_common
 @click.option("--method", "methods", multiple=True,

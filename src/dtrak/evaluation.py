@@ -112,7 +112,14 @@ def ground_truth(run, jobs: list[TrainJob], set_name: str, targets: torch.Tensor
     return truth
 
 
-def _evaluate(run, ctx, name: str, set_name: str, masks, truth) -> tuple[list, list]:
+def _evaluate(run, ctx, name: str, set_name: str, masks, truth, preds_out: dict
+              ) -> tuple[list, list]:
+    """LDS records and lambda curves of one method on one target set.
+
+    ``preds_out`` receives the predictions behind each record (``method/set/selection`` ->
+    ``[M, T]``, and ``.../weights`` for held-out target weights): what
+    :func:`dtrak.lds.difference` compares (``results/lds_predictions.npz``).
+    """
     from .methods import get_method, lambda_grid
 
     c = run.cfg.lds
@@ -122,7 +129,9 @@ def _evaluate(run, ctx, name: str, set_name: str, masks, truth) -> tuple[list, l
               "n_timesteps": method.n_timesteps or run.cfg.attribution.n_timesteps,
               "proj_dim": run.cfg.attribution.proj_dim, "projector": run.cfg.attribution.projector}
     if not method.uses_lambda:
-        res = lds_math.lds(method.score(ctx, set_name, None), masks, truth, c.n_boot)
+        scores = method.score(ctx, set_name, None)
+        res = lds_math.lds(scores, masks, truth, c.n_boot)
+        preds_out[f"{name}/{set_name}/none"] = lds_math.predicted_outputs(scores, masks)
         return [{**common, **res.to_dict(), "lambda": None, "lambda_selection": None}], []
     lams = lambda_grid(ctx, method)
     mctx = method.context(ctx)
@@ -139,6 +148,9 @@ def _evaluate(run, ctx, name: str, set_name: str, masks, truth) -> tuple[list, l
     for mode in ("paper", "heldout"):
         sel = lds_math.select_lambda(scores, lams, masks, truth, mode=mode, n_boot=c.n_boot,
                                      predictions=preds)
+        preds_out[f"{name}/{set_name}/{mode}"] = sel["pred"]
+        if sel["weights"] is not None:
+            preds_out[f"{name}/{set_name}/{mode}/weights"] = sel["weights"]
         records.append({**common, "lds": sel["lds"], "ci_low": sel["ci_low"],
                         "ci_high": sel["ci_high"], "lambda": sel["lam"],
                         "lambda_rel": sel["lam"] / solver.trace_scale,
@@ -172,7 +184,7 @@ def stage_lds(run) -> dict:
     LocalExecutor(run.cfg.lds.workers, threads_per_worker=run.cfg.torch_threads,
                   progress=run.progress).run(jobs, desc="LDS models")
     ctx = context(run)
-    records, curves, ceilings = [], [], []
+    records, curves, ceilings, predictions = [], [], [], {}
     for set_name in _target_sets(run, ctx):
         truth = ground_truth(run, jobs, set_name, ctx.examples(set_name))
         if truth.shape[0] >= 2:
@@ -181,7 +193,7 @@ def stage_lds(run) -> dict:
         for name in run.cfg.attribution.methods:
             if not get_method(name).applies_to(set_name):
                 continue
-            recs, crv = _evaluate(run, ctx, name, set_name, masks, truth)
+            recs, crv = _evaluate(run, ctx, name, set_name, masks, truth, predictions)
             records += recs
             curves += crv
     settings = {"n_subsets": run.cfg.lds.n_subsets, "alpha": run.cfg.lds.alpha,
@@ -192,7 +204,39 @@ def stage_lds(run) -> dict:
            "settings": settings}
     run.paths.results.mkdir(parents=True, exist_ok=True)
     (run.paths.results / "lds.json").write_text(json.dumps(out, indent=2, default=float))
+    np.savez(run.paths.results / "lds_predictions.npz", **predictions)
     table = format_table(records)
     (run.paths.results / "lds.txt").write_text(table + "\n")
     log.debug("LDS\n%s", table)
     return {"table": table.splitlines(), "ceiling": ceilings}
+
+
+def compare(run, method_a: str, method_b: str, set_name: str, selection: str = "heldout"
+            ) -> dict:
+    """LDS(a) - LDS(b) on one target set with a paired bootstrap interval (after the LDS stage).
+
+    ``selection`` is the lambda choice of methods that have one (``paper`` or ``heldout``);
+    methods without lambda use their single record.
+    """
+    path = run.paths.results / "lds_predictions.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"no {path}; run the LDS stage first (dtrak lds --out "
+                                f"{run.paths.root})")
+    if selection not in ("paper", "heldout"):
+        raise ValueError(f"selection must be paper or heldout, got {selection!r}")
+    preds = np.load(path)
+
+    def key(name: str) -> str:
+        for k in (f"{name}/{set_name}/{selection}", f"{name}/{set_name}/none"):
+            if k in preds.files:
+                return k
+        have = sorted({k.split("/")[0] for k in preds.files if k.split("/")[1] == set_name})
+        raise ValueError(f"no LDS of {name!r} on {set_name!r} targets in {path}; have: "
+                         f"{', '.join(have)} (add the method and rerun dtrak lds)")
+
+    ka, kb = key(method_a), key(method_b)
+    weights = next((preds[k + "/weights"] for k in (ka, kb) if k + "/weights" in preds.files),
+                   None)
+    truth = np.load(run.paths.truth(set_name))
+    res = lds_math.difference(preds[ka], preds[kb], truth, weights, n_boot=run.cfg.lds.n_boot)
+    return {"a": method_a, "b": method_b, "targets": set_name, "selection": selection, **res}

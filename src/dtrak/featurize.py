@@ -10,13 +10,14 @@ killed run resumes, and ``shard=(i, N)`` lets N workers fill one store at once.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .gradients import check_finite, param_order, per_sample_gradients
+from .gradients import check_finite, param_order, per_sample_gradients, per_sample_gradients_multi
 from .noise import ScheduleConstants, timesteps
 from .projection import Projector, make_projector
 from .seeding import seed_from
@@ -24,7 +25,7 @@ from .store import FeatureStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureSpec", "featurize_into", "model_seed", "projector_for"]
+__all__ = ["FeatureSpec", "featurize_into", "featurize_many", "model_seed", "projector_for"]
 
 
 @dataclass(frozen=True)
@@ -113,3 +114,56 @@ def featurize_into(
     return store
 
 
+
+
+def featurize_many(
+    adapter,
+    examples: torch.Tensor,
+    directories: dict[str, str | Path],
+    spec: FeatureSpec,
+    sched: ScheduleConstants,
+    model_id: str,
+    set_name: str,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, FeatureStore]:
+    """:func:`featurize_into` for several output functions at once (one store each).
+
+    ``directories`` maps output names to store directories; ``spec`` gives everything but
+    the output. Each batch shares one forward pass across the outputs
+    (:func:`~dtrak.gradients.per_sample_gradients_multi`); a store only receives the rows it
+    is missing, so stores made earlier, one output at a time, are completed, not rewritten.
+    The features equal those of :func:`featurize_into` (same noise, timesteps, projection).
+    """
+    module = adapter.module
+    module.eval()
+    T = len(sched.alphas_cumprod)
+    ts = spec.timesteps(T)
+    p = sum(n for _, n in param_order(module))
+    specs = {o: replace(spec, output=o) for o in directories}
+    projector = projector_for(spec, p, model_id)  # the projection does not depend on f
+    noise_seed = seed_from(spec.noise_seed, "set", set_name) % (2**62)
+    stores = {}
+    for o, d in directories.items():
+        s = specs[o]
+        meta = {"spec": asdict(s), "feature": s.name, "model_id": model_id, "set": set_name,
+                "p": p, "timesteps": [int(t) for t in ts], "projector": projector.describe()}
+        stores[o] = FeatureStore(d, examples.shape[0], projector.k, meta)
+    missing = {o: set(st.missing().tolist()) for o, st in stores.items()}
+    todo = sorted(set().union(*missing.values()))
+    names = [o for o in directories if missing[o]]
+    bar = tqdm(total=len(todo), desc=f"features {set_name}/{'+'.join(names)}-{spec.name.split('-', 1)[1]}",
+               disable=not progress or not todo, leave=False)
+    for lo in range(0, len(todo), batch_size):
+        ids = todo[lo:lo + batch_size]
+        x0 = examples[torch.as_tensor(ids)]
+        g = per_sample_gradients_multi(adapter, x0, torch.as_tensor(ids), names, ts, sched,
+                                       noise_seed)
+        for j, o in enumerate(names):
+            rows = [i for i, e in enumerate(ids) if e in missing[o]]
+            if rows:
+                store_ids = np.asarray([ids[i] for i in rows])
+                stores[o].write(store_ids, projector.project(g[j, rows]).float().cpu().numpy())
+        bar.update(len(ids))
+    bar.close()
+    return stores

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import scoring
-from .featurize import FeatureSpec, featurize_into
+from .featurize import FeatureSpec, featurize_into, featurize_many
 from .gradients import UNet2DAdapter
 from .model import build_scheduler, load_unet
 from .noise import ScheduleConstants
@@ -145,6 +145,23 @@ class Context:
                 timestep_values=timestep_values, progress=self.progress)
             self._features[key] = store.load()
         return self._features[key]
+
+    def prefetch(self, set_name: str, outputs: list[str] | tuple[str, ...],
+                 model_id: str = "full") -> dict[str, np.ndarray]:
+        """Features of several output functions of one set, computed together.
+
+        Missing stores are filled by :func:`~dtrak.featurize.featurize_many` (one forward
+        pass per batch for all of them); the result equals calling :meth:`features` per
+        output.
+        """
+        outputs = list(dict.fromkeys(outputs))
+        todo = {o: self.feature_dir(model_id, set_name, self.spec(o).name) for o in outputs
+                if (model_id, set_name, self.spec(o).name) not in self._features}
+        if len(todo) > 1:
+            featurize_many(self.adapter, self.examples(set_name), todo, self.spec(outputs[0]),
+                           self.sched, model_id, set_name,
+                           batch_size=self.cfg.attribution.batch_size, progress=self.progress)
+        return {o: self.features(set_name, o, model_id=model_id) for o in outputs}
 
     def solver(self, output: str, model_id: str = "full") -> scoring.KernelSolver:
         key = (model_id, self.spec(output).name)

@@ -298,12 +298,16 @@ def stage_featurize(run: Run) -> dict:
     for name in run.cfg.attribution.methods:
         method = get_method(name)
         wanted += [(method.n_timesteps or K, o) for o in method.outputs]
-    done = {}
+    by_k: dict[int, list[str]] = {}
     for k, output in dict.fromkeys(wanted):
+        by_k.setdefault(k, []).append(output)
+    done = {}
+    for k, outputs in by_k.items():
         kctx = ctx.at_timesteps(k)
         for set_name in ["train", *_target_sets(run, ctx)]:
-            feats = kctx.features(set_name, output)
-            done[f"{set_name}/{kctx.spec(output).name}"] = list(feats.shape)
+            # all output functions of one K together: one forward pass per batch
+            for output, feats in kctx.prefetch(set_name, outputs).items():
+                done[f"{set_name}/{kctx.spec(output).name}"] = list(feats.shape)
     return done
 
 
