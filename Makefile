@@ -8,7 +8,7 @@ BIN     = $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP   = $(VENV)/.dtrak-installed
 
-.PHONY: install demo test test-all lint bench clean browser
+.PHONY: install demo test test-all lint bench bench-cifar2 clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/dtrak demo --out demo-run
+
+# The CIFAR-2 reproduction (benchmarks/RESULTS.md): about 2 hours on 2 cores, resumable.
+DATA ?= ../shared/data/cifar10
+bench-cifar2: $(STAMP)
+	$(BIN)/dtrak run configs/cifar2-bench.toml --out bench-runs/cifar2 --set data.root=$(DATA)
+	$(BIN)/python benchmarks/cifar2_tables.py bench-runs/cifar2 > bench-runs/cifar2/tables.md
+	@echo "tables: bench-runs/cifar2/tables.md"
 
 # The report test renders pages in headless Chromium (Debian's package); install it when
 # missing and we may (root with apt), otherwise that test skips with its reason.
