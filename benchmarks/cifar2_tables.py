@@ -71,7 +71,7 @@ class Tables:
                 f"({s['n_boot']} resamples)")
 
     def ablation(self, selection: str) -> list[str]:
-        lines = [f"| output f | val K=10 | val K=100 | gen K=10 | gen K=100 |",
+        lines = ["| output f | val K=10 | val K=100 | gen K=10 | gen K=100 |",
                  "|---|---|---|---|---|"]
         for out, method in OUTPUT_METHOD.items():
             paper = PAPER_ABLATION[out]

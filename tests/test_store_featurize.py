@@ -1,13 +1,13 @@
 """Feature store and featurization: resume, shards, batch invariance, refusal to mix."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 import dtrak.featurize as featurize_mod
 from dtrak.config import ModelConfig, preset
-from dataclasses import replace
-
 from dtrak.featurize import FeatureSpec, featurize_into, featurize_many
 from dtrak.gradients import UNet2DAdapter
 from dtrak.model import build_scheduler, build_unet
