@@ -63,8 +63,8 @@ class Tables:
     def settings(self) -> str:
         s, cfg = self.lds["settings"], self.run.cfg
         return (f"{cfg.data.train_size} train images ({cfg.data.name}, {cfg.data.resolution}×"
-                f"{cfg.data.resolution}), UNet {list(cfg.model.block_out_channels)}, "
-                f"{cfg.train.epochs} epochs; M = {s['n_subsets']} subsets (α = {s['alpha']}), "
+                f"{cfg.data.resolution}), UNet {cfg.model.preset} {list(cfg.model.block_out_channels or [])}, "
+                f"{cfg.train.epochs or cfg.train.steps} {'epochs' if cfg.train.epochs else 'steps'}; M = {s['n_subsets']} subsets (α = {s['alpha']}), "
                 f"seeds {s['seeds']}, ground truth over {s['eval_timesteps']} timesteps; "
                 f"{cfg.attribution.n_targets} targets per set; k = {cfg.attribution.proj_dim} "
                 f"({cfg.attribution.projector}); 95% percentile bootstrap over subsets "
@@ -94,6 +94,30 @@ class Tables:
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {paper} |")
         return lines
 
+    def lambdas(self) -> list[str]:
+        """The chosen λ of each kernel, relative to trace(ΦᵀΦ)/N, with grid-edge flags."""
+        curves = {(c["method"], c["targets"]): c for c in self.lds["lds_by_lambda"]}
+        lines = ["| output f | K | targets | λ / (trace/N), paper | held-out (A, B) | "
+                 "LDS at best λ vs grid edges |", "|---|---|---|---|---|---|"]
+        for out, method in OUTPUT_METHOD.items():
+            for k in (10, 100):
+                for t in ("val", "gen"):
+                    m = _at(method, k)
+                    r = self.rec.get((m, t, "paper"))
+                    h = self.rec.get((m, t, "heldout"))
+                    c = curves.get((m, t))
+                    if r is None or c is None:
+                        continue
+                    lams, vals = np.array(c["lambdas"]), np.array(c["lds"])
+                    scale = r["lambda"] / r["lambda_rel"]
+                    best = int(np.nanargmax(vals))
+                    edge = " (grid edge)" if best in (0, len(lams) - 1) else ""
+                    held = ", ".join(f"{x / scale:.2g}" for x in h.get("lambdas_heldout", []))
+                    lines.append(f"| {out} | {k} | {t} | {r['lambda_rel']:.2g}{edge} | {held} | "
+                                 f"{vals[best]:.1f} vs {vals[0]:.1f} (smallest λ) / "
+                                 f"{vals[-1]:.1f} (largest) |")
+        return lines
+
     def diff(self, a: str, b: str, targets: str, selection: str = "heldout") -> dict:
         return compare(self.run, a, b, targets, selection)
 
@@ -114,8 +138,8 @@ class Tables:
             for t in ("val", "gen"):
                 try:
                     d = self.diff(a, b, t)
-                except ValueError as e:
-                    lines.append(f"| {a} − {b} | {t} | missing: {e} | — |")
+                except ValueError:
+                    lines.append(f"| {a} − {b} | {t} | not evaluated in this run | — |")
                     continue
                 lines.append(f"| {a} − {b} | {t} | {d['diff']:+.1f} [{d['ci_low']:+.1f}, "
                              f"{d['ci_high']:+.1f}] | {self.verdict(d, sign)} |")
@@ -158,6 +182,7 @@ class Tables:
         out += [""]
         out += ["### Claim 3: more timesteps help (K = 100 minus K = 10)", ""]
         out += self.claim_rows([(_at(m, 100), m) for m in OUTPUT_METHOD.values()]) + [""]
+        out += ["### λ chosen per output function", ""] + self.lambdas() + [""]
         out += ["### Counterfactual", ""] + self.counterfactual()
         return "\n".join(out)
 
