@@ -118,6 +118,24 @@ class Tables:
                                  f"{vals[-1]:.1f} (largest) |")
         return lines
 
+    def class_agreement(self, top: int = 10) -> list[str]:
+        """Share of each val target's top proponents that are of its class (chance: 50%)."""
+        splits = json.loads(self.run.paths.splits.read_text())
+        train_y, val_y = np.array(splits["train_labels"]), np.array(splits["val_labels"])
+        lines = [f"| method | top-{top} proponents of the target's class (val) | "
+                 f"top-{top} opponents of the target's class |", "|---|---|---|"]
+        for method in self.run.cfg.attribution.methods:
+            path = self.run.paths.scores(method, "val")
+            if not path.exists():
+                continue
+            s = np.load(path)
+            y = val_y[: s.shape[0]]
+            order = np.argsort(-s, axis=1, kind="stable")
+            pro = (train_y[order[:, :top]] == y[:, None]).mean()
+            opp = (train_y[order[:, -top:]] == y[:, None]).mean()
+            lines.append(f"| {method} | {100 * pro:.0f}% | {100 * opp:.0f}% |")
+        return lines
+
     def diff(self, a: str, b: str, targets: str, selection: str = "heldout") -> dict:
         return compare(self.run, a, b, targets, selection)
 
@@ -183,6 +201,9 @@ class Tables:
         out += ["### Claim 3: more timesteps help (K = 100 minus K = 10)", ""]
         out += self.claim_rows([(_at(m, 100), m) for m in OUTPUT_METHOD.values()]) + [""]
         out += ["### λ chosen per output function", ""] + self.lambdas() + [""]
+        out += ["### Sanity: do the top proponents share the target's class?", "",
+                "Score matrices of the score stage (λ at its prior, before the LDS chose one).",
+                ""] + self.class_agreement() + [""]
         out += ["### Counterfactual", ""] + self.counterfactual()
         return "\n".join(out)
 
