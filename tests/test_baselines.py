@@ -392,3 +392,44 @@ def test_method_at_k_timesteps_uses_k_timestep_features(world):
         get_method("trak@ten")
     with pytest.raises(ValueError, match="unknown attribution method"):
         get_method("nope@10")
+
+
+def test_trak_ensemble_averages_the_pool_models_kernels(tmp_path):
+    n_train, n_pool = 8, 3
+    cfg = _cfg()
+    cfg = replace(cfg, train=replace(cfg.train, steps=2, batch_size=4, checkpoint_every=2),
+                  lds=replace(cfg.lds, n_subsets=n_pool, seeds=(0,), eval_timesteps=3,
+                              noise_seeds=(0,), workers=1))
+    g = torch.Generator().manual_seed(6)
+    train, val = _images(g, n_train), _images(g, 3)
+    labels = [0, 1] * (n_train // 2)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "splits.json").write_text(json.dumps(
+        {"train": list(range(n_train)), "val": [0, 1, 2], "train_labels": labels,
+         "val_labels": [0, 1, 0]}))
+    np.save(tmp_path / "data" / "train_images.npy", train.numpy())
+    save_unet(build_unet(cfg.model, 1, 8, seed=0), tmp_path / "model" / "unet")
+    ctx = Context(cfg, train, {"val": val}, tmp_path / "model" / "unet",
+                  lambda m, s, f: tmp_path / "features" / m / s / f, progress=False,
+                  run_dir=tmp_path)
+    ens = baselines._ensemble("test-ensemble", "loss", 2)
+    lam = 0.1 * ctx.solver("loss").trace_scale
+    got = ens.score(ctx, "val", lam)
+    # only the 2 members were trained, not the whole pool
+    models = tmp_path / "pool" / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["m000-s0", "m001-s0"]
+    direct = []
+    for i in range(2):
+        d = models / f"m{i:03d}-s0" / "unet"
+        phi = _direct_features(ctx, d, "train", f"pool-m{i:03d}")
+        phi_t = _direct_features(ctx, d, "val", f"pool-m{i:03d}")
+        lam_i = 0.1 * float(np.mean(np.sum(phi**2, axis=1)))
+        direct.append(scoring.solve_reference(phi, phi_t, lam_i))
+    np.testing.assert_allclose(got, np.mean(direct, axis=0), rtol=2e-3, atol=1e-6)
+    # the members differ from each other and from the full model
+    assert not np.allclose(direct[0], direct[1], atol=1e-6)
+    assert get_method("trak-ensemble").uses_lambda and get_method("dtrak-ensemble").output == \
+        "square"
+    small = replace(ctx, cfg=replace(cfg, lds=replace(cfg.lds, n_subsets=1)))
+    with pytest.raises(ValueError, match="needs 2 pool models"):
+        ens.score(small, "val", lam)

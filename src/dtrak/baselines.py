@@ -19,6 +19,8 @@ renorm-if              TRAK (loss) / ||phi(z)||                                 
 journey-trak           TRAK (loss) kernel, target features along the DDIM trajectory   yes
 empirical-influence    mean loss of pool models without z - with z                     no
 datamodel              minus the ridge coefficient of z (outputs ~ inclusion mask)     no
+trak-ensemble          mean TRAK (loss) scores of 8 pool models, each its own kernel   yes
+dtrak-ensemble         the same with L_Square (D-TRAK) features                        yes
 =====================  ==============================================================  ======
 
 Choices where the SPEC leaves room (documented, not silent):
@@ -43,6 +45,9 @@ Choices where the SPEC leaves room (documented, not silent):
   averaged over seeds. The datamodel's ridge alpha is chosen by leave-one-out error
   (``sklearn.linear_model.RidgeCV``) over :data:`DATAMODEL_ALPHAS`; with fewer than 4 pool
   subsets it is ``M / 4`` (the diagonal of the centred mask Gram).
+- Ensembles (``trak-ensemble``, ``dtrak-ensemble``): the first 8 models of that pool (first
+  seed only); each has its own projection and kernel, and gets the same lambda relative to
+  its own kernel scale; the scores are averaged (TRAK's ensembling).
 """
 
 from __future__ import annotations
@@ -475,3 +480,62 @@ register(Method("datamodel", "linear datamodel: ridge regression of pool models'
                 "the inclusion mask (alpha by leave-one-out), minus the coefficient",
                 "the coefficient of z is the loss change from including z; the score is minus "
                 "it (positive = including z lowers the loss = helps)", _datamodel))
+
+
+# ----------------------------------------------------------------------------- ensembles
+
+#: Models in a TRAK ensemble (the paper compares one D-TRAK model with 8 TRAK models).
+ENSEMBLE_SIZE = 8
+
+
+def ensemble_models(ctx: Context, n_models: int, name: str) -> list[Path]:
+    """The first ``n_models`` pool subsets' models (first seed), trained if missing.
+
+    Ensemble members are the pool's half-subset models (TRAK trains its ensembles on random
+    subsets too); they never include the LDS subset models, whose outputs are the ground
+    truth. Only these ``n_models`` jobs are run, so an ensemble costs ``n_models`` models.
+    """
+    from .evaluation import train_images_file
+    from .farm import LocalExecutor, save_jobs
+
+    run = _pool_run(ctx, name)
+    if run.cfg.lds.n_subsets < n_models:
+        raise ValueError(f"{name} needs {n_models} pool models but lds.n_subsets = "
+                         f"{run.cfg.lds.n_subsets} sets the pool size; raise it")
+    masks = _pool_masks(run, ctx.train.shape[0])
+    S = len(run.cfg.lds.seeds)
+    jobs = _pool_jobs(run, masks)[: n_models * S : S]  # subset m, the first seed
+    train_images_file(run)
+    save_jobs(_pool_jobs(run, masks), run.paths.pool / "jobs.json")
+    LocalExecutor(run.cfg.lds.workers, threads_per_worker=run.cfg.torch_threads,
+                  progress=ctx.progress).run(jobs, desc=f"{name} models")
+    return [Path(j.directory) for j in jobs]
+
+
+def _ensemble(name: str, output: str, n_models: int) -> Method:
+    def score(ctx: Context, set_name: str, lam: float) -> np.ndarray:
+        # lam is absolute on the full model's kernel scale: each member gets the same lambda
+        # relative to its own scale trace(Phi_m^T Phi_m)/N
+        rel = lam / ctx.solver(output).trace_scale
+        total = None
+        for i, directory in enumerate(ensemble_models(ctx, n_models, name)):
+            adapter = UNet2DAdapter(load_unet(directory / "unet"))
+            mid = f"pool-m{i:03d}"
+            phi = ctx.features("train", output, adapter=adapter, model_id=mid)
+            phi_t = ctx.features(set_name, output, adapter=adapter, model_id=mid)
+            key = (mid, ctx.spec(output).name)
+            if key not in ctx._solvers:
+                ctx._solvers[key] = scoring.KernelSolver(phi)
+            solver = ctx._solvers[key]
+            s = solver.scores(phi_t, rel * solver.trace_scale).astype(np.float64)
+            total = s if total is None else total + s
+        return (total / n_models).astype(np.float32)
+
+    return Method(name, f"mean of the {output} kernel scores of {n_models} models trained on "
+                  "pool half subsets (a TRAK-style ensemble; each model its own projection)",
+                  "as the kernel: positive = up-weighting z lowers the target's output",
+                  score, uses_lambda=True, outputs=(output,), output=output)
+
+
+register(_ensemble("trak-ensemble", "loss", ENSEMBLE_SIZE))
+register(_ensemble("dtrak-ensemble", "square", ENSEMBLE_SIZE))
