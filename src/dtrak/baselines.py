@@ -504,9 +504,10 @@ def ensemble_models(ctx: Context, n_models: int, name: str) -> list[Path]:
                          f"{run.cfg.lds.n_subsets} sets the pool size; raise it")
     masks = _pool_masks(run, ctx.train.shape[0])
     S = len(run.cfg.lds.seeds)
-    jobs = _pool_jobs(run, masks)[: n_models * S : S]  # subset m, the first seed
+    pool = _pool_jobs(run, masks)
+    jobs = pool[: n_models * S : S]  # subset m, the first seed
     train_images_file(run)
-    save_jobs(_pool_jobs(run, masks), run.paths.pool / "jobs.json")
+    save_jobs(pool, run.paths.pool / "jobs.json")
     LocalExecutor(run.cfg.lds.workers, threads_per_worker=run.cfg.torch_threads,
                   progress=ctx.progress).run(jobs, desc=f"{name} models")
     return [Path(j.directory) for j in jobs]
@@ -521,12 +522,9 @@ def _ensemble(name: str, output: str, n_models: int) -> Method:
         for i, directory in enumerate(ensemble_models(ctx, n_models, name)):
             adapter = UNet2DAdapter(load_unet(directory / "unet"))
             mid = f"pool-m{i:03d}"
-            phi = ctx.features("train", output, adapter=adapter, model_id=mid)
+            ctx.features("train", output, adapter=adapter, model_id=mid)  # cached for solver
             phi_t = ctx.features(set_name, output, adapter=adapter, model_id=mid)
-            key = (mid, ctx.spec(output).name)
-            if key not in ctx._solvers:
-                ctx._solvers[key] = scoring.KernelSolver(phi)
-            solver = ctx._solvers[key]
+            solver = ctx.solver(output, model_id=mid)
             s = solver.scores(phi_t, rel * solver.trace_scale).astype(np.float64)
             total = s if total is None else total + s
         return (total / n_models).astype(np.float32)

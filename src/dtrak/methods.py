@@ -164,9 +164,11 @@ class Context:
         return {o: self.features(set_name, o, model_id=model_id) for o in outputs}
 
     def solver(self, output: str, model_id: str = "full") -> scoring.KernelSolver:
+        """The kernel of ``model_id``'s training features (computed first for other models)."""
         key = (model_id, self.spec(output).name)
         if key not in self._solvers:
-            self._solvers[key] = scoring.KernelSolver(self.features("train", output))
+            self._solvers[key] = scoring.KernelSolver(
+                self.features("train", output, model_id=model_id))
         return self._solvers[key]
 
 
