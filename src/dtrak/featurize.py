@@ -96,8 +96,7 @@ def featurize_into(
     p = sum(n for _, n in param_order(module, param_names))
     projector = projector_for(spec, p, model_id)
     noise_seed = seed_from(spec.noise_seed, "set", set_name) % (2**62)
-    meta = {"spec": asdict(spec), "feature": spec.name, "model_id": model_id, "set": set_name,
-            "p": p, "timesteps": [int(t) for t in ts], "projector": projector.describe()}
+    meta = _store_meta(spec, model_id, set_name, p, ts, projector)
     store = FeatureStore(directory, examples.shape[0], projector.k, meta, overwrite=overwrite)
     todo = store.missing(shard)
     bar = tqdm(total=len(todo), desc=f"features {set_name}/{spec.name}",
@@ -114,6 +113,11 @@ def featurize_into(
     return store
 
 
+def _store_meta(spec: FeatureSpec, model_id: str, set_name: str, p: int, ts: torch.Tensor,
+                projector: Projector) -> dict:
+    """What a store records about its features (and refuses to mix)."""
+    return {"spec": asdict(spec), "feature": spec.name, "model_id": model_id, "set": set_name,
+            "p": p, "timesteps": [int(t) for t in ts], "projector": projector.describe()}
 
 
 def featurize_many(
@@ -140,19 +144,16 @@ def featurize_many(
     T = len(sched.alphas_cumprod)
     ts = spec.timesteps(T)
     p = sum(n for _, n in param_order(module))
-    specs = {o: replace(spec, output=o) for o in directories}
     projector = projector_for(spec, p, model_id)  # the projection does not depend on f
     noise_seed = seed_from(spec.noise_seed, "set", set_name) % (2**62)
-    stores = {}
-    for o, d in directories.items():
-        s = specs[o]
-        meta = {"spec": asdict(s), "feature": s.name, "model_id": model_id, "set": set_name,
-                "p": p, "timesteps": [int(t) for t in ts], "projector": projector.describe()}
-        stores[o] = FeatureStore(d, examples.shape[0], projector.k, meta)
+    stores = {o: FeatureStore(d, examples.shape[0], projector.k,
+                              _store_meta(replace(spec, output=o), model_id, set_name, p, ts,
+                                          projector))
+              for o, d in directories.items()}
     missing = {o: set(st.missing().tolist()) for o, st in stores.items()}
     todo = sorted(set().union(*missing.values()))
     names = [o for o in directories if missing[o]]
-    bar = tqdm(total=len(todo), desc=f"features {set_name}/{'+'.join(names)}-{spec.name.split('-', 1)[1]}",
+    bar = tqdm(total=len(todo), desc=f"features {set_name}/{'+'.join(names)}",
                disable=not progress or not todo, leave=False)
     for lo in range(0, len(todo), batch_size):
         ids = todo[lo:lo + batch_size]
