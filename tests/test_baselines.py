@@ -283,13 +283,13 @@ def test_clip_without_path_says_how_to_fix(world):
 # ----------------------------------------------------------------------------- model pool
 
 
-def test_empirical_influence_and_datamodel_from_a_pool(tmp_path):
-    n_train, n_pool = 8, 2
+def _pool_world(tmp_path, n_train: int, n_pool: int, seed: int):
+    """A run directory with ``n_train`` images, 3 val targets and a pool that trains in 2 steps."""
     cfg = _cfg()
     cfg = replace(cfg, train=replace(cfg.train, steps=2, batch_size=4, checkpoint_every=2),
                   lds=replace(cfg.lds, n_subsets=n_pool, seeds=(0,), eval_timesteps=3,
                               noise_seeds=(0,), workers=1))
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(seed)
     train, val = _images(g, n_train), _images(g, 3)
     labels = [0, 1] * (n_train // 2)
     (tmp_path / "data").mkdir()
@@ -300,6 +300,12 @@ def test_empirical_influence_and_datamodel_from_a_pool(tmp_path):
     ctx = Context(cfg, train, {"val": val}, tmp_path / "model" / "unet",
                   lambda m, s, f: tmp_path / "features" / m / s / f, progress=False,
                   run_dir=tmp_path)
+    return cfg, ctx, train, val, labels
+
+
+def test_empirical_influence_and_datamodel_from_a_pool(tmp_path):
+    n_train, n_pool = 8, 2
+    cfg, ctx, train, val, labels = _pool_world(tmp_path, n_train, n_pool, seed=5)
     threads = torch.get_num_threads()
 
     ei = METHODS["empirical-influence"].score(ctx, "val", None)
@@ -395,23 +401,8 @@ def test_method_at_k_timesteps_uses_k_timestep_features(world):
 
 
 def test_trak_ensemble_averages_the_pool_models_kernels(tmp_path):
-    n_train, n_pool = 8, 3
-    cfg = _cfg()
-    cfg = replace(cfg, train=replace(cfg.train, steps=2, batch_size=4, checkpoint_every=2),
-                  lds=replace(cfg.lds, n_subsets=n_pool, seeds=(0,), eval_timesteps=3,
-                              noise_seeds=(0,), workers=1))
-    g = torch.Generator().manual_seed(6)
-    train, val = _images(g, n_train), _images(g, 3)
-    labels = [0, 1] * (n_train // 2)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "splits.json").write_text(json.dumps(
-        {"train": list(range(n_train)), "val": [0, 1, 2], "train_labels": labels,
-         "val_labels": [0, 1, 0]}))
-    np.save(tmp_path / "data" / "train_images.npy", train.numpy())
+    cfg, ctx, *_ = _pool_world(tmp_path, n_train=8, n_pool=3, seed=6)
     save_unet(build_unet(cfg.model, 1, 8, seed=0), tmp_path / "model" / "unet")
-    ctx = Context(cfg, train, {"val": val}, tmp_path / "model" / "unet",
-                  lambda m, s, f: tmp_path / "features" / m / s / f, progress=False,
-                  run_dir=tmp_path)
     ens = baselines._ensemble("test-ensemble", "loss", 2)
     lam = 0.1 * ctx.solver("loss").trace_scale
     got = ens.score(ctx, "val", lam)
