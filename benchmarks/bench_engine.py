@@ -23,7 +23,8 @@ import warnings
 import torch
 from diffusers import UNet2DModel
 
-from dtrak.gradients import UNet2DAdapter, per_sample_gradients
+from dtrak.families import UNet2DAdapter
+from dtrak.gradients import per_sample_gradients
 from dtrak.noise import ScheduleConstants, add_noise, example_noise, timesteps
 from dtrak.outputs import get_output
 from dtrak.projection import DenseProjector, make_projector

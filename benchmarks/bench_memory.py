@@ -20,8 +20,8 @@ import resource, sys, tempfile, torch
 torch.set_num_threads(1)
 from dtrak.config import ModelConfig
 from dtrak.featurize import FeatureSpec, featurize_into
-from dtrak.gradients import UNet2DAdapter
-from dtrak.model import build_scheduler, build_unet
+from dtrak.families import UNet2DAdapter
+from dtrak.families.unet2d import build_scheduler, build_unet
 from dtrak.noise import ScheduleConstants
 n, k, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 model = build_unet(ModelConfig(preset="digits"), 1, 8, seed=0)

@@ -20,8 +20,9 @@ import warnings
 import torch
 
 from dtrak.config import ModelConfig
-from dtrak.gradients import UNet2DAdapter, per_sample_gradients, per_sample_gradients_multi
-from dtrak.model import build_scheduler, build_unet, count_parameters
+from dtrak.families import UNet2DAdapter, count_parameters
+from dtrak.families.unet2d import build_scheduler, build_unet
+from dtrak.gradients import per_sample_gradients, per_sample_gradients_multi
 from dtrak.noise import ScheduleConstants, timesteps
 
 OUTPUTS = ["loss", "elbo", "square", "avg", "l1", "l2", "linf"]

@@ -40,7 +40,8 @@ from scipy.stats import rankdata
 
 from dtrak import lds as lds_mod
 from dtrak import scoring
-from dtrak.scoring import PAPER_LAMBDAS, KernelSolver, choose_form, solve_reference
+from dtrak.lambdas import PAPER_LAMBDAS, predictions_by_lambda
+from dtrak.scoring import KernelSolver, choose_form, solve_reference
 
 
 def _timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -135,7 +136,7 @@ def bench_sweep(n: int, k: int, n_targets: int) -> dict:
     masks = np.random.default_rng(5).random((64, n)) < 0.5
     t_pred, preds = _timed(lambda: KernelSolver(phi).predicted_outputs_sweep(targets, lams, masks))
     t_pred_ref, preds_ref = _timed(
-        lambda: lds_mod.predictions_by_lambda(KernelSolver(phi).sweep(targets, lams), masks)
+        lambda: predictions_by_lambda(KernelSolver(phi).sweep(targets, lams), masks)
     )
     return {
         "predictions_s": t_pred,

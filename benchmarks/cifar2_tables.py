@@ -6,7 +6,7 @@ Reads a finished run of ``configs/cifar2-bench.toml`` (results/lds.json,
 results/lds_predictions.npz, results/counterfactual.json) and prints the paper's tables
 (SPEC section 6) with this run's LDS and 95% intervals beside the paper's values, then the
 four headline claims, each decided by a paired bootstrap interval of the LDS difference
-(:func:`dtrak.evaluation.compare`): "holds" when the interval lies on the claimed side of 0,
+(:func:`dtrak.stages.lds.compare`): "holds" when the interval lies on the claimed side of 0,
 "reversed" when it lies on the other side, "not separated" when it contains 0.
 Nothing here is tuned: the verdict rule is fixed before looking at the numbers.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dtrak.evaluation import compare
 from dtrak.pipeline import open_run
+from dtrak.stages.lds import compare
 
 # paper Table 1 (k = 4096): output -> (val K10, val K100, gen K10, gen K100)
 PAPER_ABLATION = {

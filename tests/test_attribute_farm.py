@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 from dtrak.cli import main
 from dtrak.config import preset, to_dict
+from dtrak.families.unet2d import build_unet, save_unet
 from dtrak.farm import LocalExecutor, TrainJob, load_jobs, save_jobs
 from dtrak.images import save_pngs
-from dtrak.model import build_unet, save_unet
 from dtrak.train import train_model
 
 

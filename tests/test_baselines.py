@@ -1,4 +1,4 @@
-"""Baselines (dtrak.baselines, dtrak.clip): each method against a direct computation on tiny data.
+"""Baselines (dtrak.methods, dtrak.clip): each method against a direct computation on tiny data.
 
 The direct computations go around the Context and the feature store: per-sample gradients of
 the models, projected with the same projector, and numpy formulas for the scores.
@@ -8,20 +8,28 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from dtrak import baselines, scoring
 from dtrak import lds as lds_math
+from dtrak import scoring
 from dtrak.config import preset
+from dtrak.families import UNet2DAdapter, get_family
+from dtrak.families.unet2d import build_unet, load_unet, save_unet
 from dtrak.featurize import projector_for
-from dtrak.gradients import UNet2DAdapter, output_values, param_order, per_sample_gradients
-from dtrak.methods import METHODS, Context, get_method
-from dtrak.model import build_unet, load_unet, save_unet
+from dtrak.gradients import output_values, param_order, per_sample_gradients
+from dtrak.methods import METHODS, Context, baselines, get_method
+from dtrak.methods import pool as pool_methods
 from dtrak.noise import timesteps
+from dtrak.paths import RunPaths
 from dtrak.seeding import seed_from
+from dtrak.stages.pools import POOL_SEED_BASE
+from dtrak.stages.run import Run
+from dtrak.stages.score import score_method
 
 N_TRAIN, N_VAL, N_GEN, S_STEPS = 6, 3, 2, 4
 
@@ -42,6 +50,11 @@ def _images(gen: torch.Generator, n: int) -> torch.Tensor:
     return torch.rand(n, 1, 8, 8, generator=gen) * 2 - 1
 
 
+def _context(cfg, train, sets, root, **kw) -> Context:
+    return Context(cfg, get_family("unet2d"), train, sets, root / "model" / "unet",
+                   lambda m, s, f: root / "features" / m / s / f, progress=False, **kw)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A hand-built context: a tiny full model, two checkpoints, random images."""
@@ -54,9 +67,7 @@ def world(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     train, val, gen = _images(g, N_TRAIN), _images(g, N_VAL), _images(g, N_GEN)
     traj = torch.rand(N_GEN, S_STEPS, 1, 8, 8, generator=g) * 2 - 1
-    ctx = Context(cfg, train, {"val": val, "gen": gen}, root / "model" / "unet",
-                  lambda m, s, f: root / "features" / m / s / f, progress=False,
-                  trajectories={"gen": traj})
+    ctx = _context(cfg, train, {"val": val, "gen": gen}, root, trajectories={"gen": traj})
     return ctx
 
 
@@ -92,8 +103,8 @@ def test_all_baselines_registered_with_sign_and_outputs():
 
 def test_random_is_deterministic_and_uncorrelated():
     g = torch.Generator().manual_seed(1)
-    ctx = Context(_cfg(), _images(g, 200), {"val": _images(g, 50), "gen": _images(g, 50)},
-                  None, None, progress=False)
+    ctx = _context(_cfg(), _images(g, 200), {"val": _images(g, 50), "gen": _images(g, 50)},
+                   Path("unused"))
     rnd = METHODS["random"].score
     a = rnd(ctx, "val", None)
     assert a.shape == (50, 200) and a.dtype == np.float32
@@ -114,16 +125,17 @@ def test_pixel_dot_and_cosine(world):
 
 
 def test_grad_dot_and_cosine(world):
-    phi_t = _direct_features(world, world.model_dir, "val", "full")
-    phi_z = _direct_features(world, world.model_dir, "train", "full")
-    np.testing.assert_allclose(METHODS["grad-dot"].score(world, "val", None), phi_t @ phi_z.T,
-                               rtol=1e-4, atol=1e-6)
+    phi_t = _direct_features(world, world.full_model_dir, "val", "full")
+    phi_z = _direct_features(world, world.full_model_dir, "train", "full")
+    dots = phi_t @ phi_z.T  # float32 features: errors relative to the largest entry
+    np.testing.assert_allclose(METHODS["grad-dot"].score(world, "val", None), dots,
+                               rtol=1e-4, atol=1e-5 * np.abs(dots).max())
     np.testing.assert_allclose(METHODS["grad-cos"].score(world, "val", None),
                                _unit(phi_t) @ _unit(phi_z).T, rtol=1e-4, atol=1e-5)
 
 
 def test_tracin_averages_checkpoint_dots(world):
-    ckpt_root = world.model_dir.parent / "checkpoints"
+    ckpt_root = world.full_model_dir.parent / "checkpoints"
     per_ckpt = []
     for step in (10, 20):
         d = ckpt_root / f"step-{step:07d}" / "unet"
@@ -160,8 +172,8 @@ def test_tracin_checkpoint_choice(tmp_path):
 
 
 def test_relative_and_renormalized_influence(world):
-    phi_t = _direct_features(world, world.model_dir, "val", "full")
-    phi = _direct_features(world, world.model_dir, "train", "full")
+    phi_t = _direct_features(world, world.full_model_dir, "val", "full")
+    phi = _direct_features(world, world.full_model_dir, "train", "full")
     lam = 0.1 * float(np.mean(np.sum(phi**2, axis=1)))
     hess = phi.T @ phi + lam * np.eye(phi.shape[1])
     trak = phi_t @ np.linalg.solve(hess, phi.T)
@@ -179,7 +191,7 @@ def test_journey_trak_features_along_the_trajectory(world):
     assert len(sampler_ts) == S_STEPS and sampler_ts == sorted(sampler_ts, reverse=True)
     ts = torch.tensor([sampler_ts[0], sampler_ts[3]])
     x0 = world.trajectories["gen"][:, [0, 3]]  # [T, K, C, H, W]
-    direct = _direct_features(world, world.model_dir, "gen", "full", x0=x0, ts=ts, journey=True)
+    direct = _direct_features(world, world.full_model_dir, "gen", "full", x0=x0, ts=ts, journey=True)
     np.testing.assert_allclose(baselines.journey_features(world), direct, rtol=1e-4, atol=1e-7)
     # differs from the ordinary features of the final images
     assert not np.allclose(direct, world.features("gen", "loss"))
@@ -191,10 +203,9 @@ def test_journey_trak_features_along_the_trajectory(world):
         METHODS["journey-trak"].score(world, "val", lam)
 
 
-def test_journey_reads_the_run_timesteps(world, tmp_path):
-    (tmp_path / "gen").mkdir()
-    (tmp_path / "gen" / "meta.json").write_text(json.dumps({"timesteps": [900, 600, 300, 7]}))
-    assert baselines.sampler_timesteps(replace(world, run_dir=tmp_path)) == [900, 600, 300, 7]
+def test_journey_reads_the_run_timesteps(world):
+    recorded = replace(world, sampler_timesteps=[900, 600, 300, 7])
+    assert baselines.sampler_timesteps(recorded) == [900, 600, 300, 7]
     assert baselines.journey_steps(4, 10).tolist() == [0, 1, 2, 3]  # K > S: every step
 
 
@@ -284,35 +295,34 @@ def test_clip_without_path_says_how_to_fix(world):
 
 
 def _pool_world(tmp_path, n_train: int, n_pool: int, seed: int):
-    """A run directory with ``n_train`` images, 3 val targets and a pool that trains in 2 steps."""
+    """A hand-built run: ``n_train`` images, 3 val targets and a pool that trains in 2 steps."""
     cfg = _cfg()
     cfg = replace(cfg, train=replace(cfg.train, steps=2, batch_size=4, checkpoint_every=2),
                   lds=replace(cfg.lds, n_subsets=n_pool, seeds=(0,), eval_timesteps=3,
-                              noise_seeds=(0,), workers=1))
+                              noise_seeds=(0,)))
     g = torch.Generator().manual_seed(seed)
     train, val = _images(g, n_train), _images(g, 3)
     labels = [0, 1] * (n_train // 2)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "splits.json").write_text(json.dumps(
-        {"train": list(range(n_train)), "val": [0, 1, 2], "train_labels": labels,
-         "val_labels": [0, 1, 0]}))
-    np.save(tmp_path / "data" / "train_images.npy", train.numpy())
-    ctx = Context(cfg, train, {"val": val}, tmp_path / "model" / "unet",
-                  lambda m, s, f: tmp_path / "features" / m / s / f, progress=False,
-                  run_dir=tmp_path)
-    return cfg, ctx, train, val, labels
+    run = Run(RunPaths(tmp_path), cfg, progress=False)
+    ctx = _context(cfg, train, {"val": val}, tmp_path, paths=run.paths)
+    run.__dict__["dataset"] = SimpleNamespace(  # a stand-in data set: just what pools read
+        train=SimpleNamespace(images=train, labels=np.array(labels)))
+    run.__dict__["context"] = ctx
+    return cfg, run, train, val, labels
 
 
 def test_empirical_influence_and_datamodel_from_a_pool(tmp_path):
     n_train, n_pool = 8, 2
-    cfg, ctx, train, val, labels = _pool_world(tmp_path, n_train, n_pool, seed=5)
+    cfg, run, train, val, labels = _pool_world(tmp_path, n_train, n_pool, seed=5)
+    ctx = run.context
     threads = torch.get_num_threads()
-
-    ei = METHODS["empirical-influence"].score(ctx, "val", None)
+    with pytest.raises(FileNotFoundError, match="score stage trains the pool"):
+        METHODS["empirical-influence"].score(ctx, "val", None)  # methods never train
+    ei = score_method(run, METHODS["empirical-influence"], "val", None)
     assert torch.get_num_threads() == threads
     masks = np.load(tmp_path / "pool" / "masks.npy")
     np.testing.assert_array_equal(masks, lds_math.subset_masks(
-        np.array(labels), n_pool, 0.5, seed_base=baselines.POOL_SEED_BASE))
+        np.array(labels), n_pool, 0.5, seed_base=POOL_SEED_BASE))
     assert not np.array_equal(masks, lds_math.subset_masks(np.array(labels), n_pool, 0.5, 42))
     # outputs: L_Simple of each pool model, computed directly
     ts = timesteps("uniform", 3, 1000)
@@ -331,7 +341,7 @@ def test_empirical_influence_and_datamodel_from_a_pool(tmp_path):
     np.testing.assert_allclose(ei, direct, rtol=1e-5, atol=1e-7)
 
     mtime = (tmp_path / "pool" / "models" / "m000-s0" / "done.json").stat().st_mtime
-    dm = METHODS["datamodel"].score(ctx, "val", None)
+    dm = score_method(run, METHODS["datamodel"], "val", None)
     assert (tmp_path / "pool" / "models" / "m000-s0" / "done.json").stat().st_mtime == mtime
     alpha = json.loads((tmp_path / "pool" / "datamodel-val.json").read_text())["ridge_alpha"]
     assert alpha == n_pool / 4  # too few pool models to cross-validate
@@ -348,15 +358,15 @@ def test_datamodel_alpha_is_the_leave_one_out_best():
     masks = rng.random((12, 6)) < 0.5
     outputs = masks @ rng.normal(size=(6, 3)) * 0.1 + rng.normal(size=(12, 3))
     loo = []
-    for a in baselines.DATAMODEL_ALPHAS:
+    for a in pool_methods.DATAMODEL_ALPHAS:
         err = 0.0
         for i in range(12):
             keep = np.arange(12) != i
             fit = Ridge(alpha=a).fit(masks[keep].astype(float), outputs[keep])
             err += np.sum((fit.predict(masks[i:i + 1].astype(float)) - outputs[i]) ** 2)
         loo.append(err)
-    expected = baselines.DATAMODEL_ALPHAS[int(np.argmin(loo))]
-    assert baselines.datamodel_alpha(masks, outputs) == pytest.approx(expected)
+    expected = pool_methods.DATAMODEL_ALPHAS[int(np.argmin(loo))]
+    assert pool_methods.datamodel_alpha(masks, outputs) == pytest.approx(expected)
 
 
 def test_pool_methods_need_a_run(world):
@@ -373,7 +383,7 @@ def test_method_at_k_timesteps_uses_k_timestep_features(world):
     assert kctx.cfg.attribution.n_timesteps == 3 and world.cfg.attribution.n_timesteps == 2
     assert kctx.spec("square").name != world.spec("square").name
     # direct: square-gradient features at 3 uniform timesteps, projected like the store's
-    model = load_unet(world.model_dir)
+    model = load_unet(world.full_model_dir)
     spec = kctx.spec("square")
     p = sum(n for _, n in param_order(model))
 
@@ -401,11 +411,12 @@ def test_method_at_k_timesteps_uses_k_timestep_features(world):
 
 
 def test_trak_ensemble_averages_the_pool_models_kernels(tmp_path):
-    cfg, ctx, *_ = _pool_world(tmp_path, n_train=8, n_pool=3, seed=6)
+    cfg, run, *_ = _pool_world(tmp_path, n_train=8, n_pool=3, seed=6)
+    ctx = run.context
     save_unet(build_unet(cfg.model, 1, 8, seed=0), tmp_path / "model" / "unet")
-    ens = baselines._ensemble("test-ensemble", "loss", 2)
+    ens = pool_methods._ensemble("test-ensemble", "loss", 2)
     lam = 0.1 * ctx.solver("loss").trace_scale
-    got = ens.score(ctx, "val", lam)
+    got = score_method(run, ens, "val", lam)
     # only the 2 members were trained, not the whole pool
     models = tmp_path / "pool" / "models"
     assert sorted(p.name for p in models.iterdir()) == ["m000-s0", "m001-s0"]
@@ -421,6 +432,7 @@ def test_trak_ensemble_averages_the_pool_models_kernels(tmp_path):
     assert not np.allclose(direct[0], direct[1], atol=1e-6)
     assert get_method("trak-ensemble").uses_lambda and get_method("dtrak-ensemble").output == \
         "square"
-    small = replace(ctx, cfg=replace(cfg, lds=replace(cfg.lds, n_subsets=1)))
+    small = Run(run.paths, replace(cfg, lds=replace(cfg.lds, n_subsets=1)), progress=False)
+    small.__dict__.update(dataset=run.dataset, context=ctx)
     with pytest.raises(ValueError, match="needs 2 pool models"):
-        ens.score(small, "val", lam)
+        score_method(small, ens, "val", lam)

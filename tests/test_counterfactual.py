@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import types
 
 import numpy as np
@@ -12,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dtrak import counterfactual as cf
 from dtrak import pipeline
 from dtrak.config import preset
 from dtrak.farm import LocalExecutor, load_jobs, run_job
+from dtrak.stages import counterfactual as cf
 from dtrak.train import train_model
 
 
@@ -24,7 +23,8 @@ def tiny_run(tmp_path_factory):
     """A tiny scored run: 64 training images, 8 generated ones (one per batch), 10 steps."""
     base = preset("tiny")
     cfg = dataclasses.replace(
-        base, torch_threads=1, train=dataclasses.replace(base.train, steps=10),
+        base, runtime=dataclasses.replace(base.runtime, threads=1),
+        train=dataclasses.replace(base.train, steps=10),
         sampling=dataclasses.replace(base.sampling, steps=3, batch_size=1))
     run = pipeline.open_run(tmp_path_factory.mktemp("cf") / "run", cfg, progress=False)
     pipeline.run_stages(run, ("data", "train", "generate", "featurize", "score"))
@@ -104,7 +104,7 @@ def test_pixel_l2_and_summary():
 def test_same_seed_regenerates_the_identical_image(tiny_run):
     gen = np.load(tiny_run.paths.gen / "images.npy")
     model = tiny_run.model()
-    again = np.stack([cf.regenerate(model, tiny_run.cfg, i) for i in (0, 5)])
+    again = np.stack([cf.regenerate(tiny_run.family, model, tiny_run.cfg, i) for i in (0, 5)])
     np.testing.assert_array_equal(cf.pixel_l2(gen[[0, 5]], again), [0.0, 0.0])
 
 
@@ -193,7 +193,7 @@ def test_stage_writes_results_panels_and_resumes(tiny_run, monkeypatch):
 
     # again, with CLIP: nothing is retrained, clip_cos is filled in
     stamps = {n: (root / "models" / n / "done.json").stat().st_mtime_ns for n in jobs}
-    monkeypatch.setitem(sys.modules, "dtrak.clip", _fake_clip_module())
+    monkeypatch.setattr(cf, "clip_cosine", _fake_clip_module().clip_cosine)
     attribution = dataclasses.replace(run.cfg.attribution, clip_path="/nowhere/clip")
     run2 = pipeline.open_run(run.paths.root, dataclasses.replace(run.cfg, attribution=attribution),
                              progress=False)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
+from dtrak.families import UNet2DAdapter
 from dtrak.gradients import (
-    UNet2DAdapter,
     check_finite,
     output_values,
     param_order,

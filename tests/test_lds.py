@@ -10,16 +10,18 @@ from scipy.stats import spearmanr
 from sklearn.model_selection import train_test_split
 
 from dtrak import lds as lds_mod
+from dtrak.lambdas import (
+    per_target_spearman_by_lambda,
+    predictions_by_lambda,
+    select_lambda,
+    split_targets,
+)
 from dtrak.lds import (
     difference,
     lds,
-    per_target_spearman_by_lambda,
     predicted_outputs,
-    predictions_by_lambda,
     seed_ceiling,
-    select_lambda,
     spearman_rows,
-    split_targets,
     subset_masks,
 )
 

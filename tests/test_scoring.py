@@ -8,21 +8,15 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
-from dtrak import scoring
+from dtrak.lambdas import PAPER_LAMBDAS, RELATIVE_LAMBDAS, lambda_grid
 from dtrak.scoring import (
-    METHODS,
-    PAPER_LAMBDAS,
-    RELATIVE_LAMBDAS,
     KernelSolver,
     cosine_scores,
     datamodel_scores,
     dot_scores,
     empirical_influence,
     ensemble_average,
-    get_method,
-    lambda_grid,
     random_scores,
-    register_method,
     relative_influence,
     renormalized_influence,
     solve_reference,
@@ -181,35 +175,6 @@ def test_relative_and_renormalized_influence_match_direct():
     _close(trak_scores(solver, targets, lam), ref, 1e-4)
     with pytest.raises(ValueError, match="same training features"):
         renormalized_influence(solver, targets, lam, phi[:5])
-
-
-def test_registry_has_every_method_with_a_sign_note():
-    expected = {
-        "random",
-        "dot",
-        "cosine",
-        "tracin",
-        "trak",
-        "relative_influence",
-        "renormalized_influence",
-        "ensemble",
-        "empirical_influence",
-        "datamodel",
-    }
-    assert expected <= set(METHODS)
-    for name, method in METHODS.items():
-        assert method.name == name and method.sign and method.description
-    assert get_method("trak").fn is trak_scores
-    with pytest.raises(ValueError, match="known: "):
-        get_method("nope")
-    with pytest.raises(ValueError, match="already registered"):
-        register_method("trak", "dup", "dup")(lambda: None)
-
-
-def test_register_and_call_a_method(monkeypatch):
-    monkeypatch.setattr(scoring, "METHODS", dict(METHODS))
-    scoring.register_method("zeros", "all zero", "none")(lambda m, n: np.zeros((m, n)))
-    assert scoring.get_method("zeros")(2, 3).shape == (2, 3)
 
 
 def test_random_scores_are_seeded():

@@ -8,9 +8,9 @@ import torch
 
 import dtrak.featurize as featurize_mod
 from dtrak.config import ModelConfig, preset
+from dtrak.families import UNet2DAdapter
+from dtrak.families.unet2d import build_scheduler, build_unet
 from dtrak.featurize import FeatureSpec, featurize_into, featurize_many
-from dtrak.gradients import UNet2DAdapter
-from dtrak.model import build_scheduler, build_unet
 from dtrak.noise import ScheduleConstants
 from dtrak.store import FeatureStore, StoreMismatchError, parse_shard
 

@@ -17,6 +17,13 @@ import torch
 
 from . import pipeline
 from .config import PRESETS, ConfigError, load_config
+from .data import load_dataset, load_image_folder, resize_images
+from .featurize import FeatureSpec
+from .figures import attribution_gallery
+from .outputs import get_output
+from .stages.attribute import attribute_images
+from .stages.lds import compare
+from .store import parse_shard
 
 log = logging.getLogger("dtrak")
 
@@ -92,8 +99,6 @@ def data_cmd(config, out, overrides, overwrite, quiet, root):
     """Resolve the data splits: sizes, class counts, preview grid (saved with --out)."""
     overrides = list(overrides) + ([f'data.root="{root}"'] if root else [])
     if out is None:
-        from .data import load_dataset
-
         cfg = load_config(config, overrides)
         _echo_json(load_dataset(cfg.data).summary())
         return
@@ -131,14 +136,19 @@ def _methods_override(methods: tuple[str, ...]) -> list[str]:
               help="output function(s) to featurize (default: the config's)")
 @click.option("--targets", "sets", default=None,
               help="comma-separated sets: train, val, gen (default: train + the config's)")
+@click.option("--shards", type=int, default=None, metavar="N",
+              help="split the work into N shard jobs run by the run's executor "
+                   "(runtime.executor, runtime.workers)")
 @_friendly
-def featurize_cmd(config, out, overrides, overwrite, quiet, shard, outputs, sets):
+def featurize_cmd(config, out, overrides, overwrite, quiet, shard, outputs, sets, shards):
     """Projected per-sample gradient features of the training and target sets."""
-    from .store import parse_shard
-
     run = _open(config, out, overrides, overwrite, quiet)
     chosen = [s.strip() for s in sets.split(",")] if sets else None
-    if shard or outputs or chosen:
+    if shards:
+        jobs = pipeline.feature_jobs(run, shards, chosen, list(outputs) or None)
+        run.executor().run(jobs, desc="feature shards")
+        _echo_json(pipeline.featurize_shard(run, (0, 1), chosen, list(outputs) or None))
+    elif shard or outputs or chosen:
         _echo_json(pipeline.featurize_shard(run, parse_shard(shard), chosen,
                                             list(outputs) or None))
     else:
@@ -160,11 +170,12 @@ def score_cmd(config, out, overrides, overwrite, quiet, methods):
 @_common
 @click.option("--method", "methods", multiple=True,
               help="method(s) to evaluate (default: the config's attribution.methods)")
-@click.option("--workers", type=int, default=None, help="parallel training processes")
+@click.option("--workers", type=int, default=None,
+              help="parallel training jobs (shorthand for --set runtime.workers=N)")
 @_friendly
 def lds_cmd(config, out, overrides, overwrite, quiet, methods, workers):
     """Train the subset models, measure ground truth, print the LDS table."""
-    extra = _methods_override(methods) + ([f"lds.workers={workers}"] if workers else [])
+    extra = _methods_override(methods) + ([f"runtime.workers={workers}"] if workers else [])
     run = _open(config, out, list(overrides) + extra, overwrite, quiet)
     res = pipeline.STAGES["lds"](run)
     click.echo("\n".join(res["table"]))
@@ -183,8 +194,6 @@ def lds_cmd(config, out, overrides, overwrite, quiet, methods, workers):
 @_friendly
 def compare_cmd(method_a, method_b, out, sets, selection):
     """LDS(A) - LDS(B) with a paired 95% bootstrap interval (same resampled subsets)."""
-    from .evaluation import compare
-
     run = pipeline.open_run(out, None, progress=False)
     for set_name in (s.strip() for s in sets.split(",")):
         r = compare(run, method_a, method_b, set_name, selection)
@@ -197,12 +206,13 @@ def compare_cmd(method_a, method_b, out, sets, selection):
 @_common
 @click.option("--method", "methods", multiple=True,
               help="method(s) whose top proponents are removed (default: the config's)")
-@click.option("--workers", type=int, default=None, help="parallel training processes")
+@click.option("--workers", type=int, default=None,
+              help="parallel training jobs (shorthand for --set runtime.workers=N)")
 @_friendly
 def counterfactual_cmd(config, out, overrides, overwrite, quiet, methods, workers):
     """Remove each target's top-k proponents, retrain, regenerate, measure the change."""
     extra = ([f"counterfactual.methods=[{','.join(repr(m) for m in methods)}]"]
-             if methods else []) + ([f"lds.workers={workers}"] if workers else [])
+             if methods else []) + ([f"runtime.workers={workers}"] if workers else [])
     run = _open(config, out, list(overrides) + extra, overwrite, quiet)
     res = pipeline.STAGES["counterfactual"](run)
     click.echo("\n".join(res["table"]))
@@ -225,22 +235,18 @@ def counterfactual_cmd(config, out, overrides, overwrite, quiet, methods, worker
               type=click.Path(file_okay=False), help="where the gallery PNGs go")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
               help="training-feature cache (default ~/.cache/dtrak/attribute)")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when present), cpu, cuda or cuda:N")
 @click.option("--quiet", "-q", is_flag=True)
 @_friendly
 def attribute_cmd(images, model_dir, data, output_fn, n_timesteps, proj_dim, projector, k,
-                  out_dir, cache_dir, quiet):
+                  out_dir, cache_dir, device, quiet):
     """Which training images made IMAGE? Top proponents and opponents, printed and as PNG."""
-    from .attribute import attribute_images
-    from .data import load_image_folder
-    from .featurize import FeatureSpec
-    from .figures import attribution_gallery
-    from .outputs import get_output
-
     get_output(output_fn)
     spec = FeatureSpec(output=output_fn, n_timesteps=n_timesteps, proj_dim=proj_dim,
                        projector=projector)
     results = attribute_images(model_dir, data, list(images), spec, cache_dir=cache_dir,
-                               progress=not quiet)
+                               progress=not quiet, device=device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for i, res in enumerate(results):
@@ -252,8 +258,6 @@ def attribute_cmd(images, model_dir, data, output_fn, n_timesteps, proj_dim, pro
         train = res.train_images.numpy()
         target = load_image_folder([str(res.target)])[0][0].numpy()
         if target.shape != train.shape[1:]:
-            from .data import resize_images
-
             target = resize_images(torch.from_numpy(target[None]), train.shape[-1])[0].numpy()
         png = attribution_gallery(target, train, {output_fn: res.scores},
                                   out / f"{i:03d}-{res.target.stem}.png", k=k,

@@ -34,6 +34,7 @@ __all__ = [
     "ModelConfig",
     "SamplingConfig",
     "TrainConfig",
+    "RuntimeConfig",
     "PRESETS",
     "apply_overrides",
     "diff_configs",
@@ -95,6 +96,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    family: str = _help(
+        "model family (dtrak.families): unet2d (pixel-space diffusers UNet2DModel)", "unet2d"
+    )
     preset: str = _help(
         "UNet preset: tiny, digits, cifar-cpu, cifar (paper, ~36M), celeba (paper, ~114M)",
         "digits",
@@ -110,6 +114,7 @@ class ModelConfig:
     beta_end: float = _help("last beta of the linear schedule", 0.02)
 
     def validate(self) -> None:
+        _check(bool(self.family), "model.family", "must name a model family, e.g. unet2d")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
         _check(self.num_train_timesteps >= 2, "model.num_train_timesteps", "must be >= 2")
         _check(0 < self.beta_start < self.beta_end < 1, "model.beta_start/beta_end",
@@ -215,14 +220,12 @@ class LDSConfig:
     eval_timesteps: int = _help("timesteps of the ground-truth loss (paper: all 1000)", 1000)
     noise_seeds: tuple[int, ...] = _help("noise seeds of the ground truth (paper: 3)", (0, 1, 2))
     n_boot: int = _help("bootstrap resamples for the 95% interval", 1000)
-    workers: int = _help("parallel training processes (one torch thread each)", 1)
 
     def validate(self) -> None:
         _check(self.n_subsets >= 2, "lds.n_subsets", "must be >= 2")
         _check(0 < self.alpha < 1, "lds.alpha", "must be in (0, 1)")
         _check(len(self.seeds) >= 1, "lds.seeds", "name at least one seed")
         _check(self.eval_timesteps >= 1, "lds.eval_timesteps", "must be >= 1")
-        _check(self.workers >= 1, "lds.workers", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,38 @@ class CounterfactualConfig:
         _check(self.remove > 0, "counterfactual.remove", "must be > 0")
 
 
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = _help(
+        "where models run: auto (CUDA when present, else CPU), cpu, cuda, cuda:N", "auto"
+    )
+    dtype: str = _help(
+        "dtype of the models in sampling, featurization and ground truth: float32, float64 "
+        "(training keeps float32 weights; see train.mixed_precision)",
+        "float32",
+    )
+    executor: str = _help("engine of the farms of independent jobs (dtrak.farm): local", "local")
+    workers: int = _help("parallel jobs of a farm (local: processes, one torch thread each)", 1)
+    threads: int | None = _help("torch intra-op threads (None: torch's default)", None)
+
+    def validate(self) -> None:
+        base = self.device.split(":")[0]
+        _check(base in DEVICES and (":" not in self.device or base == "cuda"), "runtime.device",
+               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if ":" in self.device:
+            index = self.device.split(":", 1)[1]
+            _check(index.isdigit(), "runtime.device", f"cuda:N needs an integer N, got {index!r}")
+        _check(self.dtype in DTYPES, "runtime.dtype", f"must be one of {', '.join(DTYPES)}")
+        _check(bool(self.executor), "runtime.executor", "must name an executor, e.g. local")
+        _check(self.workers >= 1, "runtime.workers", "must be >= 1")
+        if self.threads is not None:
+            _check(self.threads >= 1, "runtime.threads", "must be >= 1 (or omitted)")
+
+
 @dataclass(frozen=True)
 class Config:
     name: str = _help("a name for the run", "run")
@@ -244,7 +279,6 @@ class Config:
         "stages that `dtrak run` executes in order",
         ("data", "train", "generate", "featurize", "score", "lds", "report"),
     )
-    torch_threads: int | None = _help("torch intra-op threads (None: torch's default)", None)
     data: DataConfig = _help("data set and splits", factory=DataConfig)
     model: ModelConfig = _help("UNet and noise schedule", factory=ModelConfig)
     train: TrainConfig = _help("training recipe", factory=TrainConfig)
@@ -253,6 +287,9 @@ class Config:
     lds: LDSConfig = _help("linear datamodeling score", factory=LDSConfig)
     counterfactual: CounterfactualConfig = _help(
         "counterfactual evaluation", factory=CounterfactualConfig
+    )
+    runtime: RuntimeConfig = _help(
+        "device, dtype and executor (how and where, never what)", factory=RuntimeConfig
     )
 
     def validate(self) -> Config:
@@ -324,10 +361,27 @@ def _section_from_dict(cls: type, d: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# Keys of earlier versions and where they live now (configs and saved runs keep loading).
+_MOVED = {("torch_threads",): ("runtime", "threads"), ("lds", "workers"): ("runtime", "workers")}
+
+
+def _migrate(d: dict) -> dict:
+    """A copy of ``d`` with the keys of earlier versions moved to their current place."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for old, (section, key) in _MOVED.items():
+        holder = d if len(old) == 1 else d.get(old[0])
+        if isinstance(holder, dict) and old[-1] in holder:
+            value = holder.pop(old[-1])
+            runtime = d.setdefault(section, {})
+            if value is not None and key not in runtime:
+                runtime[key] = value
+    return d
+
+
 def from_dict(d: dict, base: Config | None = None) -> Config:
     """Build a Config from a nested dict, starting from ``base`` (default: Config())."""
     cfg = base or Config()
-    d = dict(d)
+    d = _migrate(d)
     d.pop("preset", None)
     updates: dict[str, Any] = {}
     sec_types = {f.name: f for f in fields(Config)}
@@ -392,8 +446,9 @@ def _digits() -> Config:
             methods=("trak", "dtrak", "kernel-avg", "kernel-l2", "random", "pixel-cos",
                      "grad-cos", "tracin-cos", "relative-if", "renorm-if", "journey-trak")),
         lds=LDSConfig(n_subsets=20, seeds=(0,), eval_timesteps=100, noise_seeds=(0,),
-                      n_boot=500, workers=2),
+                      n_boot=500),
         counterfactual=CounterfactualConfig(n_targets=10, remove=100),
+        runtime=RuntimeConfig(workers=2),
     )
 
 
@@ -407,7 +462,7 @@ def _tiny() -> Config:
         attribution=AttributionConfig(outputs=("loss", "square"), n_timesteps=3,
                                       proj_dim=64, projector="gaussian", batch_size=8),
         lds=LDSConfig(n_subsets=4, seeds=(0,), eval_timesteps=5, noise_seeds=(0,),
-                      n_boot=50, workers=1),
+                      n_boot=50),
         counterfactual=CounterfactualConfig(n_targets=2, remove=8),
     )
 
@@ -427,8 +482,9 @@ def _cifar2_cpu() -> Config:
                                       proj_dim=4096, projector="sjlt", batch_size=16,
                                       n_targets=100),
         lds=LDSConfig(n_subsets=24, seeds=(0,), eval_timesteps=100, noise_seeds=(0,),
-                      n_boot=500, workers=2),
+                      n_boot=500),
         counterfactual=CounterfactualConfig(n_targets=10, remove=200),
+        runtime=RuntimeConfig(workers=2),
     )
 
 

@@ -1,13 +1,18 @@
-"""The retraining farm: a job table of models to train, and executors that run it.
+"""Farms of independent jobs: the job table of models to train, and the executors that run jobs.
 
-A :class:`TrainJob` is plain data (what to train, on which indices, with which seeds, where
-to write) and serialises to JSON, so the same table can be handed to any engine: the
-:class:`LocalExecutor` here runs pending jobs in worker processes on one machine; a cluster
-engine only needs to call :func:`run_job` on each spec.
+A :class:`Job` is a module-level function and a JSON-able payload (paths, not tensors), so
+any engine can run it anywhere: in this process, in worker processes, or on a cluster. Its
+``done_file`` tells whether it finished, so a finished job is never redone; a killed one
+resumes from its own checkpoints (training) or store (featurization).
 
-The table lives in ``jobs.json``; a job's state is read from its directory (``done.json``
-written last by training), so a finished job is never redone and a killed one resumes from
-its newest checkpoint.
+A :class:`TrainJob` is the plain data of one model to train (what, on which indices, with
+which seeds, where to write). The LDS subsets, the model pools of empirical influence,
+datamodels and ensembles, and the counterfactual retrainings are tables of TrainJobs
+(``jobs.json``); :func:`train_jobs` turns them into Jobs.
+
+Every stage gets its executor from :func:`make_executor` (``runtime.executor``,
+``runtime.workers``): the one place an executor is built. An executor is one class with a
+``run(jobs, desc)`` method plus one line in :data:`EXECUTORS`.
 """
 
 from __future__ import annotations
@@ -15,16 +20,57 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
+
+from .config import ConfigError, ModelConfig, RuntimeConfig, TrainConfig, section_from_dict, to_dict
+from .runtime import resolve_device, set_threads
+from .train import train_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalExecutor", "TrainJob", "load_jobs", "pending", "run_job", "save_jobs"]
+__all__ = [
+    "EXECUTORS",
+    "Executor",
+    "Job",
+    "LocalExecutor",
+    "TrainJob",
+    "load_jobs",
+    "make_executor",
+    "pending",
+    "run_job",
+    "save_jobs",
+    "train_jobs",
+]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: ``fn(payload)``. ``fn`` must be a module-level function (picklable)."""
+
+    name: str
+    fn: Callable[[dict], Any]
+    payload: dict
+    done_file: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.done_file is not None and Path(self.done_file).exists()
+
+
+class Executor(Protocol):
+    """Runs jobs, skipping finished ones; returns when every job has finished."""
+
+    def run(self, jobs: Sequence[Job], desc: str = "jobs") -> None: ...
+
+
+# ----------------------------------------------------------------------------- training jobs
 
 
 @dataclass(frozen=True)
@@ -52,14 +98,27 @@ class TrainJob:
     def done(self) -> bool:
         return (Path(self.directory) / "done.json").exists()
 
+    def as_job(self, device: str = "cpu") -> Job:
+        return Job(self.name, run_train_payload, {"job": self.to_dict(), "device": device},
+                   str(Path(self.directory) / "done.json"))
+
+
+def _normalised(table: list[dict]) -> list[dict]:
+    """A job table with each recipe resolved through its config section (defaults filled in),
+    so tables written before a config key existed still match."""
+    out = []
+    for d in json.loads(json.dumps(table)):
+        out.append({**d, "model": to_dict(section_from_dict(ModelConfig, d["model"], "model")),
+                    "train": to_dict(section_from_dict(TrainConfig, d["train"], "train"))})
+    return out
+
 
 def save_jobs(jobs: Sequence[TrainJob], path: str | Path) -> None:
     """Write the job table; an existing table must list the same jobs."""
     path = Path(path)
     table = [j.to_dict() for j in jobs]
     if path.exists():
-        old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(table)):
+        if _normalised(json.loads(path.read_text())) != _normalised(table):
             raise ValueError(
                 f"{path} lists different jobs (the subsets, seeds or recipe changed); "
                 "use another run directory or --overwrite"
@@ -73,19 +132,14 @@ def load_jobs(path: str | Path) -> list[TrainJob]:
     return [TrainJob.from_dict(d) for d in json.loads(Path(path).read_text())]
 
 
-def pending(jobs: Iterable[TrainJob]) -> list[TrainJob]:
+def pending(jobs: Iterable[TrainJob | Job]) -> list:
     return [j for j in jobs if not j.done]
 
 
-def run_job(job: TrainJob | dict, progress: bool = False) -> str:
+def run_job(job: TrainJob | dict, progress: bool = False, device: str = "cpu") -> str:
     """Train one job (resuming if it was interrupted); returns its name."""
-    from .config import ModelConfig, TrainConfig, section_from_dict
-    from .train import train_model
-
     job = TrainJob.from_dict(job) if isinstance(job, dict) else job
     images = np.load(job.images, mmap_mode="r")
-    import torch
-
     data = torch.from_numpy(np.ascontiguousarray(images[np.asarray(job.indices)]))
     train_model(
         data,
@@ -97,20 +151,41 @@ def run_job(job: TrainJob | dict, progress: bool = False) -> str:
         noise_seed=job.noise_seed,
         progress=progress,
         desc=job.name,
+        device=resolve_device(device),
     )
     return job.name
 
 
-def _worker_init(threads: int) -> None:
-    import torch
+def run_train_payload(payload: dict) -> str:
+    """The function of a training :class:`Job` (what worker processes run)."""
+    return run_job(payload["job"], device=payload.get("device", "cpu"))
 
+
+def train_jobs(jobs: Sequence[TrainJob], runtime: RuntimeConfig) -> list[Job]:
+    """Training jobs for an executor, on the run's device."""
+    return [j.as_job(runtime.device) for j in jobs]
+
+
+# ----------------------------------------------------------------------------- executors
+
+
+def _worker_init(threads: int) -> None:
     # Two processes with two OpenMP threads each on two cores run 10-50x slower:
     # every worker gets its own share of the cores.
     torch.set_num_threads(threads)
 
 
+def _call(item: tuple[Callable[[dict], Any], dict]) -> Any:
+    fn, payload = item
+    return fn(payload)
+
+
+def _as_job(job: Job | TrainJob) -> Job:
+    return job.as_job() if isinstance(job, TrainJob) else job
+
+
 class LocalExecutor:
-    """Runs jobs in ``workers`` processes (spawned, one torch thread each by default)."""
+    """Runs jobs in ``workers`` processes on this machine (spawned, one torch thread each)."""
 
     def __init__(self, workers: int = 1, threads_per_worker: int | None = None,
                  progress: bool = True) -> None:
@@ -124,20 +199,36 @@ class LocalExecutor:
             self.threads = max(1, (mp.cpu_count() or 1) // workers)
         self.progress = progress
 
-    def run(self, jobs: Sequence[TrainJob], desc: str = "retrain") -> None:
+    def run(self, jobs: Sequence[Job | TrainJob], desc: str = "jobs") -> None:
+        jobs = [_as_job(j) for j in jobs]
         todo = pending(jobs)
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc,
                    disable=not self.progress)
         if self.workers == 1:
-            if self.threads is not None:
-                _worker_init(self.threads)
+            set_threads(self.threads)
             for job in todo:
-                run_job(job, progress=False)
+                job.fn(job.payload)
                 bar.update()
         else:
             ctx = mp.get_context("spawn")
-            with ctx.Pool(self.workers, initializer=_worker_init,
+            with ctx.Pool(min(self.workers, len(todo)), initializer=_worker_init,
                           initargs=(self.threads,)) as pool:
-                for _ in pool.imap_unordered(run_job, [j.to_dict() for j in todo]):
+                for _ in pool.imap_unordered(_call, [(j.fn, j.payload) for j in todo]):
                     bar.update()
         bar.close()
+
+
+def _local(runtime: RuntimeConfig, progress: bool) -> Executor:
+    return LocalExecutor(runtime.workers, threads_per_worker=runtime.threads, progress=progress)
+
+
+#: Executors by name (``runtime.executor``): a factory of (runtime config, progress bars).
+EXECUTORS: dict[str, Callable[[RuntimeConfig, bool], Executor]] = {"local": _local}
+
+
+def make_executor(runtime: RuntimeConfig, progress: bool = True) -> Executor:
+    """The executor of a run: the one place executors are built."""
+    if runtime.executor not in EXECUTORS:
+        raise ConfigError(f"runtime.executor: unknown {runtime.executor!r}; known: "
+                          f"{', '.join(EXECUTORS)}")
+    return EXECUTORS[runtime.executor](runtime, progress)

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .gradients import check_finite, param_order, per_sample_gradients, per_sample_gradients_multi
+from .families.base import DiffusionAdapter
+from .gradients import (
+    check_finite,
+    param_order,
+    per_sample_gradients,
+    per_sample_gradients_multi,
+    selected_parameters,
+)
 from .noise import ScheduleConstants, timesteps
 from .projection import Projector, make_projector
 from .seeding import seed_from
@@ -61,8 +68,8 @@ def projector_for(spec: FeatureSpec, p: int, model_id: str) -> Projector:
 
 
 def featurize_into(
-    adapter,
-    examples: torch.Tensor,
+    adapter: DiffusionAdapter,
+    examples,
     directory: str | Path,
     spec: FeatureSpec,
     sched: ScheduleConstants,
@@ -78,9 +85,11 @@ def featurize_into(
     """Compute the features of ``examples`` into the store at ``directory``.
 
     Args:
-        adapter: the model (e.g. ``UNet2DAdapter(unet)``); used in eval mode.
-        examples: ``[N, C, H, W]`` clean examples, or ``[N, K, C, H, W]`` (one per timestep,
-            Journey TRAK).
+        adapter: the model (``family.adapter(model)``, e.g. ``UNet2DAdapter(unet)``); used in
+            eval mode where it is (its device and dtype).
+        examples: raw examples indexed by id (``examples[LongTensor]`` gives the batch that
+            ``adapter.prepare`` turns into ``(x0, cond)``), e.g. images ``[N, C, H, W]``, or
+            ``[N, K, C, H, W]`` (one clean image per timestep, Journey TRAK).
         spec: output function, timesteps, projector, seeds.
         model_id: names the model; seeds its projection and is stored in the metadata.
         set_name: names the example set (train, val, gen, ...); salts the noise so two
@@ -93,19 +102,20 @@ def featurize_into(
     module.eval()
     T = len(sched.alphas_cumprod)
     ts = spec.timesteps(T) if timestep_values is None else timestep_values
-    p = sum(n for _, n in param_order(module, param_names))
+    names = selected_parameters(adapter, param_names)
+    p = sum(n for _, n in param_order(module, names))
     projector = projector_for(spec, p, model_id)
     noise_seed = seed_from(spec.noise_seed, "set", set_name) % (2**62)
     meta = _store_meta(spec, model_id, set_name, p, ts, projector)
-    store = FeatureStore(directory, examples.shape[0], projector.k, meta, overwrite=overwrite)
+    store = FeatureStore(directory, len(examples), projector.k, meta, overwrite=overwrite)
     todo = store.missing(shard)
     bar = tqdm(total=len(todo), desc=f"features {set_name}/{spec.name}",
                disable=not progress or len(todo) == 0, leave=False)
     for lo in range(0, len(todo), batch_size):
         ids = todo[lo:lo + batch_size]
-        x0 = examples[torch.as_tensor(ids)]
+        x0, cond = adapter.prepare(examples[torch.as_tensor(ids)])
         g = per_sample_gradients(adapter, x0, torch.as_tensor(ids), spec.output, ts, sched,
-                                 noise_seed, param_names=param_names)
+                                 noise_seed, cond=cond, param_names=names)
         check_finite(g, [int(i) for i in ids])
         store.write(ids, projector.project(g).float().cpu().numpy())
         bar.update(len(ids))
@@ -121,8 +131,8 @@ def _store_meta(spec: FeatureSpec, model_id: str, set_name: str, p: int, ts: tor
 
 
 def featurize_many(
-    adapter,
-    examples: torch.Tensor,
+    adapter: DiffusionAdapter,
+    examples,
     directories: dict[str, str | Path],
     spec: FeatureSpec,
     sched: ScheduleConstants,
@@ -143,10 +153,10 @@ def featurize_many(
     module.eval()
     T = len(sched.alphas_cumprod)
     ts = spec.timesteps(T)
-    p = sum(n for _, n in param_order(module))
+    p = sum(n for _, n in param_order(module, selected_parameters(adapter)))
     projector = projector_for(spec, p, model_id)  # the projection does not depend on f
     noise_seed = seed_from(spec.noise_seed, "set", set_name) % (2**62)
-    stores = {o: FeatureStore(d, examples.shape[0], projector.k,
+    stores = {o: FeatureStore(d, len(examples), projector.k,
                               _store_meta(replace(spec, output=o), model_id, set_name, p, ts,
                                           projector))
               for o, d in directories.items()}
@@ -157,9 +167,9 @@ def featurize_many(
                disable=not progress or not todo, leave=False)
     for lo in range(0, len(todo), batch_size):
         ids = todo[lo:lo + batch_size]
-        x0 = examples[torch.as_tensor(ids)]
+        x0, cond = adapter.prepare(examples[torch.as_tensor(ids)])
         g = per_sample_gradients_multi(adapter, x0, torch.as_tensor(ids), names, ts, sched,
-                                       noise_seed)
+                                       noise_seed, cond=cond)
         for j, o in enumerate(names):
             rows = [i for i, e in enumerate(ids) if e in missing[o]]
             if rows:

@@ -1,4 +1,4 @@
-"""Per-sample gradient features: the only module that touches ``torch.func``.
+"""Per-sample gradient features: the only module that vectorises with ``torch.func``.
 
 For an example ``z`` with clean sample ``x0`` the feature is
 
@@ -30,18 +30,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import grad, jacrev, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dtrak.noise import ScheduleConstants, add_noise, as_example_ids, example_noise
-from dtrak.outputs import OutputFunction, get_output
+from .families.base import Cond, DiffusionAdapter
+from .noise import ScheduleConstants, add_noise, as_example_ids, example_noise
+from .outputs import OutputFunction, get_output
 
 __all__ = [
-    "DiffusionAdapter",
-    "UNet2DAdapter",
     "check_finite",
     "eval_mode",
     "featurization_mode",
@@ -51,73 +49,10 @@ __all__ = [
     "per_sample_gradients",
     "per_sample_gradients_multi",
     "reference_gradients",
+    "selected_parameters",
 ]
 
 log = logging.getLogger(__name__)
-
-Cond = dict[str, torch.Tensor]
-
-
-@runtime_checkable
-class DiffusionAdapter(Protocol):
-    """How the gradient engine talks to a noise-prediction model.
-
-    Attributes:
-        module: the ``torch.nn.Module`` whose parameters are differentiated.
-    """
-
-    module: torch.nn.Module
-
-    def prepare(self, batch: Any) -> tuple[torch.Tensor, Cond]:
-        """Raw batch -> (clean samples ``x0 [B, C, H, W]``, conditioning ``{name: [B, ...]}``).
-
-        E.g. VAE-encode images to latents and encode prompts for a latent text-to-image model.
-        """
-        ...
-
-    def eps(
-        self,
-        params_and_buffers: dict[str, torch.Tensor],
-        x_t: torch.Tensor,
-        t: torch.Tensor,
-        cond: Cond,
-    ) -> torch.Tensor:
-        """Functional noise prediction ``[n, C, H, W]`` from ``x_t [n, C, H, W]``, ``t [n]``.
-
-        Must run ``module`` through ``torch.func.functional_call`` with
-        ``params_and_buffers``; ``cond`` tensors have leading dim ``n``.
-        """
-        ...
-
-
-class UNet2DAdapter:
-    """Adapter for a pixel-space diffusers ``UNet2DModel``.
-
-    ``prepare(batch)`` takes images ``[B, C, H, W]`` in ``[-1, 1]`` and returns them with an
-    empty conditioning dict; pass ``{"class_labels": LongTensor[B]}`` as ``cond`` for a
-    class-conditional UNet.
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.module = model
-
-    def prepare(self, batch: torch.Tensor) -> tuple[torch.Tensor, Cond]:
-        if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
-            raise ValueError(
-                "UNet2DAdapter.prepare expects an image tensor [B, C, H, W] in [-1, 1], got "
-                f"{type(batch).__name__} {tuple(getattr(batch, 'shape', ()))}"
-            )
-        return batch, {}
-
-    def eps(
-        self,
-        params_and_buffers: dict[str, torch.Tensor],
-        x_t: torch.Tensor,
-        t: torch.Tensor,
-        cond: Cond,
-    ) -> torch.Tensor:
-        kwargs = {**cond, "return_dict": False}
-        return functional_call(self.module, params_and_buffers, (x_t, t), kwargs)[0]
 
 
 # --- parameter layout ---------------------------------------------------------------------
@@ -150,6 +85,12 @@ def param_order(
         if not wanted:
             raise ValueError("param_names is empty; pass None to use all trainable parameters")
     return [(n, p.numel()) for n, p in named if n in wanted]
+
+
+def selected_parameters(adapter: DiffusionAdapter, param_names: Sequence[str] | None = None
+                        ) -> Sequence[str] | None:
+    """The parameters to differentiate: ``param_names``, else the family's attributed ones."""
+    return param_names if param_names is not None else adapter.attributed_parameters()
 
 
 def flatten_grads(grads: dict[str, torch.Tensor], order: list[tuple[str, int]]) -> torch.Tensor:
@@ -313,7 +254,7 @@ def per_sample_gradients(
     """
     module = adapter.module
     device, dtype = _module_device_dtype(module)
-    order = param_order(module, param_names)
+    order = param_order(module, selected_parameters(adapter, param_names))
     x0k, eps, t, cond, ids = _inputs(x0, example_ids, timesteps, noise_seed, cond, device, dtype)
     out_fn = get_output(output)
     params, frozen = _split_params(module, order)
@@ -361,7 +302,7 @@ def per_sample_gradients_multi(
         raise ValueError("per_sample_gradients_multi needs at least one output function")
     module = adapter.module
     device, dtype = _module_device_dtype(module)
-    order = param_order(module, param_names)
+    order = param_order(module, selected_parameters(adapter, param_names))
     x0k, eps, t, cond, ids = _inputs(x0, example_ids, timesteps, noise_seed, cond, device, dtype)
     fns = [get_output(o) for o in outputs]
     params, frozen = _split_params(module, order)
@@ -415,7 +356,7 @@ def reference_gradients(
     module = adapter.module
     device, model_dtype = _module_device_dtype(module)
     dtype = dtype or model_dtype
-    order = param_order(module, param_names)
+    order = param_order(module, selected_parameters(adapter, param_names))
     x0k, eps, t, cond, ids = _inputs(x0, example_ids, timesteps, noise_seed, cond, device, dtype)
     out_fn = get_output(output)
     params, frozen = _split_params(module, order)

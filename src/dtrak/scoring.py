@@ -1,9 +1,9 @@
-"""Scores: kernel solves, the lambda sweep, and every attribution method as a registry.
+"""Scores: kernel solves, the lambda sweep, and the numerical cores of every method.
 
 Sign convention (the whole package follows it): a score ``tau[x, z] > 0`` means training
 example ``z`` *helps* target ``x``, i.e. including ``z`` lowers the model's loss on ``x``.
-Every method returns a ``[M targets, N train]`` float32 matrix with that convention, and its
-registry entry (:data:`METHODS`) carries a ``sign`` note saying why.
+Every core returns a ``[M targets, N train]`` float32 matrix with that convention; the
+method registry (:mod:`dtrak.methods`) carries a ``sign`` note per method saying why.
 
 TRAK / D-TRAK (SPEC section 4)::
 
@@ -21,39 +21,28 @@ Both forms reduce to ``tau = (phi_x A) diag(1 / (S + lam)) B^T``:
 :func:`solve_reference` is the plain ``np.linalg.solve`` oracle the fast path is tested
 against.
 
-Lambda. The paper grid is :data:`PAPER_LAMBDAS` ({1, 2, 5} x 10^e, e = -2..6), absolute.
-Small prototypes (SPEC section 7) found that the best lambda differs by orders of magnitude
-between output functions (about 0.1 x trace/N for the loss, 1e-3..1e-4 x trace/N for the D-TRAK
-functions), so :func:`lambda_grid` also offers a *relative* grid: {1, 2, 5} x 10^e for
-e = -6..3, times ``KernelSolver.trace_scale = trace(Phi^T Phi) / N``. Select lambda per method
-(see :func:`dtrak.lds.select_lambda`).
+Lambda grids, priors and selection live in :mod:`dtrak.lambdas`; the solver takes any
+lambda, and ``KernelSolver.trace_scale = trace(Phi^T Phi) / N`` is the scale of the relative
+grid.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import scipy.linalg
 
 __all__ = [
-    "METHODS",
-    "PAPER_LAMBDAS",
-    "RELATIVE_LAMBDAS",
     "KernelSolver",
-    "ScoreMethod",
     "choose_form",
     "cosine_scores",
     "datamodel_scores",
     "dot_scores",
     "empirical_influence",
     "ensemble_average",
-    "get_method",
-    "lambda_grid",
     "random_scores",
-    "register_method",
     "relative_influence",
     "renormalized_influence",
     "solve_reference",
@@ -62,57 +51,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def _decade_grid(exponents: Sequence[int], mantissas: Sequence[float]) -> tuple[float, ...]:
-    return tuple(float(m) * 10.0**e for e in exponents for m in mantissas)
-
-
-#: The paper's lambda grid: {1, 2, 5} x 10^e for e = -2..6 (27 values, absolute).
-PAPER_LAMBDAS: tuple[float, ...] = _decade_grid(range(-2, 7), (1, 2, 5))
-#: The default relative grid: {1, 2, 5} x 10^e for e = -6..3 (30 values), times trace/N.
-#: It reaches far above trace/N: at large lambda the kernel tends to a plain gradient dot
-#: product, and some output functions prefer that end (a grid edge would truncate them).
-RELATIVE_LAMBDAS: tuple[float, ...] = _decade_grid(range(-6, 4), (1, 2, 5))
-
-
-def lambda_grid(
-    scale: str = "absolute",
-    trace_scale: float | None = None,
-    exponents: Sequence[int] | None = None,
-    mantissas: Sequence[float] = (1.0, 2.0, 5.0),
-) -> np.ndarray:
-    """Return a lambda grid, ascending, as a float64 array ``[L]``.
-
-    Args:
-        scale: ``"absolute"`` (alias ``"paper"``): the values themselves, by default the
-            paper's :data:`PAPER_LAMBDAS`. ``"relative"``: the values times ``trace_scale``
-            (the kernel's scale ``trace(Phi^T Phi) / N``, :attr:`KernelSolver.trace_scale`),
-            by default :data:`RELATIVE_LAMBDAS` (e = -6..3). Relative is the better default
-            because the best lambda moves by orders of magnitude between output functions
-            (about 0.1 x trace/N for ``loss``, 1e-3..1e-4 x trace/N for D-TRAK functions).
-        trace_scale: required for ``"relative"``; must be > 0.
-        exponents: decades e of the grid {mantissas} x 10^e (default: per scale, see above).
-        mantissas: the values within a decade.
-    """
-    if scale in ("absolute", "paper"):
-        exps = range(-2, 7) if exponents is None else exponents
-        grid = np.array(_decade_grid(exps, mantissas))
-    elif scale == "relative":
-        if trace_scale is None or not np.isfinite(trace_scale) or trace_scale <= 0:
-            raise ValueError(
-                f"lambda_grid('relative') needs trace_scale > 0, got {trace_scale!r}; "
-                "pass KernelSolver(train_features).trace_scale"
-            )
-        exps = range(-6, 4) if exponents is None else exponents
-        grid = np.array(_decade_grid(exps, mantissas)) * float(trace_scale)
-    else:
-        raise ValueError(
-            f"unknown lambda scale {scale!r}; use 'absolute' (or 'paper') or 'relative'"
-        )
-    if grid.size == 0:
-        raise ValueError("the lambda grid is empty; pass at least one exponent and mantissa")
-    return np.sort(grid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,56 +283,6 @@ def solve_reference(
 
 
 # ---------------------------------------------------------------------------------------------
-# Method registry
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ScoreMethod:
-    """A registered score method.
-
-    Attributes:
-        name: registry key.
-        description: what it computes.
-        sign: why a positive score means "helps" for this method.
-        fn: the function; returns ``[M targets, N train]`` float32.
-    """
-
-    name: str
-    description: str
-    sign: str
-    fn: Callable[..., np.ndarray]
-
-    def __call__(self, *args, **kwargs) -> np.ndarray:
-        return self.fn(*args, **kwargs)
-
-
-#: All score methods by name.
-METHODS: dict[str, ScoreMethod] = {}
-
-
-def register_method(
-    name: str, description: str, sign_doc: str
-) -> Callable[[Callable[..., np.ndarray]], Callable[..., np.ndarray]]:
-    """Decorator: register ``fn`` in :data:`METHODS` under ``name`` (the function is returned)."""
-
-    def decorate(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
-        if name in METHODS:
-            raise ValueError(f"score method {name!r} is already registered; pick another name")
-        METHODS[name] = ScoreMethod(name, description, sign_doc, fn)
-        return fn
-
-    return decorate
-
-
-def get_method(name: str) -> ScoreMethod:
-    """The registered method ``name``; raises ValueError listing the known names."""
-    if name not in METHODS:
-        raise ValueError(f"unknown score method {name!r}; known: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
-
-
-# ---------------------------------------------------------------------------------------------
 # Similarity baselines
 # ---------------------------------------------------------------------------------------------
 
@@ -416,11 +304,6 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms == 0, 1.0, norms)
 
 
-@register_method(
-    "random",
-    "iid standard normal scores (control)",
-    "no meaning: a random control whose LDS should be about 0",
-)
 def random_scores(n_targets: int, n_train: int, seed: int) -> np.ndarray:
     """IID N(0, 1) scores ``[n_targets, n_train]`` float32 from ``default_rng(seed)``."""
     if n_targets < 1 or n_train < 1:
@@ -436,7 +319,6 @@ _SIMILARITY_SIGN = (
 )
 
 
-@register_method("dot", "dot product of features: A B^T", _SIMILARITY_SIGN)
 def dot_scores(target_features: np.ndarray, train_features: np.ndarray) -> np.ndarray:
     """``[M, d], [N, d] -> [M, N]`` float32 dot products (pixels, CLIP, loss gradients)."""
     a = _as_matrix(target_features, "target_features")
@@ -445,7 +327,6 @@ def dot_scores(target_features: np.ndarray, train_features: np.ndarray) -> np.nd
     return (a @ b.T).astype(np.float32)
 
 
-@register_method("cosine", "cosine similarity of features", _SIMILARITY_SIGN)
 def cosine_scores(target_features: np.ndarray, train_features: np.ndarray) -> np.ndarray:
     """``[M, d], [N, d] -> [M, N]`` float32 cosine similarities (zero rows give 0)."""
     a = _as_matrix(target_features, "target_features")
@@ -454,11 +335,6 @@ def cosine_scores(target_features: np.ndarray, train_features: np.ndarray) -> np
     return (_unit_rows(a) @ _unit_rows(b).T).astype(np.float32)
 
 
-@register_method(
-    "tracin",
-    "TracIn: dot (or cosine) of loss-gradient features averaged over training checkpoints",
-    "as 'dot': a positive gradient dot product means a step on z lowers the loss on x",
-)
 def tracin_scores(
     per_checkpoint: Sequence[tuple[np.ndarray, np.ndarray]], cosine: bool = False
 ) -> np.ndarray:
@@ -484,21 +360,11 @@ def tracin_scores(
 # ---------------------------------------------------------------------------------------------
 
 
-@register_method(
-    "trak",
-    "TRAK / D-TRAK: phi(x) (Phi^T Phi + lam I)^-1 Phi^T",
-    "positive = z lowers the loss on x (the kernel-regression influence of z on x)",
-)
 def trak_scores(solver: KernelSolver, target_features: np.ndarray, lam: float) -> np.ndarray:
     """``solver.scores(target_features, lam)``: ``[M, k] -> [M, N]`` float32."""
     return solver.scores(target_features, lam)
 
 
-@register_method(
-    "relative_influence",
-    "TRAK score / ||(Phi^T Phi + lam I)^-1 phi(z)|| per training example",
-    "as 'trak' (divided by a positive per-example norm)",
-)
 def relative_influence(solver: KernelSolver, target_features: np.ndarray, lam: float) -> np.ndarray:
     """TRAK scores with column z divided by ``solver.influence_norms(lam)[z]``: ``[M, N]``.
 
@@ -509,11 +375,6 @@ def relative_influence(solver: KernelSolver, target_features: np.ndarray, lam: f
     return (scores / np.where(norms == 0, np.inf, norms)).astype(np.float32)
 
 
-@register_method(
-    "renormalized_influence",
-    "TRAK score / ||phi(z)|| per training example",
-    "as 'trak' (divided by a positive per-example norm)",
-)
 def renormalized_influence(
     solver: KernelSolver,
     target_features: np.ndarray,
@@ -539,11 +400,6 @@ def renormalized_influence(
     return (scores / np.where(norms == 0, np.inf, norms)).astype(np.float32)
 
 
-@register_method(
-    "ensemble",
-    "average of score matrices of several models (or several projections)",
-    "as the averaged method",
-)
 def ensemble_average(score_matrices: Sequence[np.ndarray]) -> np.ndarray:
     """Mean of equally shaped ``[M, N]`` score matrices, float32."""
     if len(score_matrices) == 0:
@@ -576,11 +432,6 @@ def _check_masks_outputs(masks: np.ndarray, outputs: np.ndarray) -> tuple[np.nda
     return masks, outputs
 
 
-@register_method(
-    "empirical_influence",
-    "mean output of models trained without z minus mean output of models with z",
-    "outputs are losses: positive = models that include z have lower loss on x (helps)",
-)
 def empirical_influence(masks: np.ndarray, outputs: np.ndarray) -> np.ndarray:
     """Leave-z-out difference of mean losses.
 
@@ -610,12 +461,6 @@ def empirical_influence(masks: np.ndarray, outputs: np.ndarray) -> np.ndarray:
     return diff.T.astype(np.float32)
 
 
-@register_method(
-    "datamodel",
-    "ridge regression of the outputs on the inclusion mask (with intercept), sign flipped",
-    "outputs are losses: the coefficient of z is the loss change from including z, so the "
-    "score is minus it (positive = including z lowers the loss = helps)",
-)
 def datamodel_scores(masks: np.ndarray, outputs: np.ndarray, ridge_alpha: float) -> np.ndarray:
     """Linear datamodels: ``outputs ~ b + masks @ w`` by ridge, scores ``-w``.
 

@@ -6,6 +6,11 @@ seeded with (noise_seed, s). Dropout draws from torch's global generator, whose 
 saved with every checkpoint. So a run killed and restarted from its last checkpoint ends
 with the same weights as an uninterrupted one (a test proves it).
 
+The model comes from its family (:mod:`dtrak.families`, ``model.family``): the family builds,
+saves and loads it, names the parameters to optimise and gives the loss of a batch, so
+this loop serves every kind of model. ``device`` places it (``runtime.device``); the seeded
+draws stay on the CPU generator, so a run means the same on every device.
+
 Layout of a model directory (see :mod:`dtrak.paths`)::
 
     MODEL/unet/                     final weights (diffusers format), written last
@@ -33,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import ModelConfig, TrainConfig
-from .model import build_scheduler, build_unet, load_unet, save_unet
+from .families import ModelFamily, get_family
 from .seeding import seed_from
 
 log = logging.getLogger(__name__)
@@ -97,12 +102,13 @@ def _load_optimizer(opt: torch.optim.Optimizer, path: Path, meta: dict) -> None:
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _save_checkpoint(directory: Path, step: int, model, opt, sched, loss: float) -> Path:
+def _save_checkpoint(directory: Path, step: int, family: ModelFamily, model, opt, sched,
+                     loss: float) -> Path:
     final = directory / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_unet(model, tmp / "unet")
+    family.save(model, tmp / "unet")
     opt_meta = _save_optimizer(opt, tmp / "optimizer.safetensors")
     rng = torch.get_rng_state().numpy().tolist()
     state = {"step": step, "loss": loss, "optimizer": opt_meta,
@@ -125,12 +131,127 @@ def _batch_indices(n: int, batch: int, seed: int, step: int) -> np.ndarray:
     return perm[pos * batch:(pos + 1) * batch]
 
 
-def _step_randomness(step: int, noise_seed: int, shape, T: int, hflip: bool):
+def _step_randomness(step: int, noise_seed: int, batch: int, noise_shape, T: int, hflip: bool):
     g = torch.Generator().manual_seed(seed_from(noise_seed, "step", step))
-    t = torch.randint(0, T, (shape[0],), generator=g)
-    eps = torch.randn(shape, generator=g)
-    flip = torch.rand(shape[0], generator=g) < 0.5 if hflip else None
+    t = torch.randint(0, T, (batch,), generator=g)
+    eps = torch.randn((batch, *noise_shape), generator=g)
+    flip = torch.rand(batch, generator=g) < 0.5 if hflip else None
     return t, eps, flip
+
+
+@dataclass
+class _Session:
+    """What the loop updates: the model, its optimiser and schedule, and where it stands."""
+
+    family: ModelFamily
+    accel: Accelerator
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    start: int = 0
+
+
+def _optimiser(family: ModelFamily, model, cfg: TrainConfig, steps: int):
+    opt = torch.optim.AdamW(family.trainable_parameters(model), lr=cfg.lr,
+                            betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    return opt, get_cosine_schedule_with_warmup(opt, int(cfg.warmup_frac * steps), steps)
+
+
+def _accelerator(cfg: TrainConfig, device: str | torch.device) -> Accelerator:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device.index)
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type != "cuda")
+
+
+def _setup(family: ModelFamily, model_cfg: ModelConfig, cfg: TrainConfig, example_shape,
+           steps: int, init_seed: int, seed: int, device) -> _Session:
+    """A fresh model (seeded initialisation), AdamW and the warm-up cosine schedule."""
+    model = family.build(model_cfg, example_shape, seed=init_seed)
+    opt, sched = _optimiser(family, model, cfg, steps)
+    torch.manual_seed(seed_from(seed, "dropout"))
+    return _Session(family, _accelerator(cfg, device), model, opt, sched)
+
+
+def _resume(session: _Session, directory: Path, cfg: TrainConfig, steps: int) -> None:
+    """Continue from the newest checkpoint: weights, optimiser, schedule and RNG state."""
+    ckpt = latest_checkpoint(directory)
+    if ckpt is None:
+        return
+    state = json.loads((ckpt / "state.json").read_text())
+    session.model = session.family.load(ckpt / "unet")
+    session.opt, session.sched = _optimiser(session.family, session.model, cfg, steps)
+    # after the scheduler: its constructor resets the lr that the optimizer state restores
+    _load_optimizer(session.opt, ckpt / "optimizer.safetensors", state["optimizer"])
+    session.sched.load_state_dict({**state["lr_scheduler"], "lr_lambdas": [None]})
+    torch.set_rng_state(torch.tensor(state["torch_rng_state"], dtype=torch.uint8))
+    session.start = state["step"]
+    log.info("resuming %s from step %d", directory, session.start)
+
+
+def _loop(session: _Session, data: torch.Tensor, model_cfg: ModelConfig, cfg: TrainConfig,
+          directory: Path, seed: int, noise_seed: int, steps: int, end: int, bar,
+          on_checkpoint: Callable[[int], None] | None) -> float:
+    """Steps ``session.start .. end``; logs every 10 steps, checkpoints every N. Final loss."""
+    accel, family = session.accel, session.family
+    model, opt, sched = accel.prepare(session.model, session.opt, session.sched)
+    model.train()
+    adapter = family.adapter(model)
+    abar = family.scheduler(model_cfg).alphas_cumprod.to(accel.device)
+    noise_shape = family.noise_shape(data.shape[1:])
+    n, T = data.shape[0], model_cfg.num_train_timesteps
+    t0, loss_val = time.time(), float("nan")
+    with open(directory / "stats.jsonl", "a") as stats:
+        for step in bar:
+            pos = _batch_indices(n, cfg.batch_size, seed, step)
+            batch = data[torch.as_tensor(pos)].to(accel.device)
+            t, eps, flip = _step_randomness(step, noise_seed, len(pos), noise_shape, T, cfg.hflip)
+            t, eps = t.to(accel.device), eps.to(accel.device)
+            if flip is not None:
+                batch = torch.where(flip.to(accel.device)[:, None, None, None], batch.flip(-1),
+                                    batch)
+            x0, cond = adapter.prepare(batch)
+            with accel.autocast():
+                loss = family.training_loss(adapter, x0, cond, t, eps, abar)
+            accel.backward(loss)
+            if cfg.grad_clip > 0:
+                accel.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            loss_val = loss.item()
+            done = step + 1
+            if done % 10 == 0 or done == end:
+                bar.set_postfix(loss=f"{loss_val:.4f}")
+                stats.write(json.dumps({"step": done, "loss": loss_val,
+                                        "lr": sched.get_last_lr()[0],
+                                        "seconds": round(time.time() - t0, 3)}) + "\n")
+            if done % cfg.checkpoint_every == 0 or done == end:
+                stats.flush()
+                _save_checkpoint(directory, done, family, accel.unwrap_model(model), opt, sched,
+                                 loss_val)
+                if on_checkpoint is not None:
+                    on_checkpoint(done)
+    session.model = accel.unwrap_model(model)
+    return loss_val
+
+
+def _finish(session: _Session, directory: Path, steps: int, n: int, loss_val: float,
+            seconds: float, rate: float) -> TrainResult:
+    """Write the final weights, then ``done.json`` (last: its presence means finished)."""
+    session.family.save(session.model, directory / "unet")
+    info = {"steps": steps, "final_loss": loss_val, "seconds": seconds,
+            "steps_per_second": rate, "n_examples": n}
+    (directory / "done.json").write_text(json.dumps(info, indent=2))
+    log.info("trained %s: %d steps, %.2f steps/s, final loss %.4f", directory, steps, rate,
+             loss_val)
+    return TrainResult(directory, steps, loss_val, seconds, rate)
+
+
+def _finished(directory: Path) -> TrainResult:
+    info = json.loads((directory / "done.json").read_text())
+    return TrainResult(directory, info["steps"], info["final_loss"], info["seconds"],
+                       info["steps_per_second"])
 
 
 def train_model(
@@ -146,14 +267,16 @@ def train_model(
     progress: bool = True,
     desc: str = "train",
     on_checkpoint: Callable[[int], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> TrainResult:
-    """Train a UNet on ``images[indices]`` ([N, C, H, W] in [-1, 1]) and save it.
+    """Train a model of ``model_cfg.family`` on ``images[indices]`` and save it.
 
-    ``seed`` (default ``train_cfg.seed``) fixes batch order and dropout; ``init_seed`` and
-    ``noise_seed`` default to it and fix the initial weights and the timestep/noise stream
-    (common random numbers use one init_seed/noise_seed for many subsets). Resumes from
-    the newest checkpoint in ``directory``; ``stop_at`` ends early after that step (the run
-    then resumes later). Returns when ``done.json`` exists.
+    ``images`` are the raw examples ([N, C, H, W] in [-1, 1]). ``seed`` (default
+    ``train_cfg.seed``) fixes batch order and dropout; ``init_seed`` and ``noise_seed``
+    default to it and fix the initial weights and the timestep/noise stream (common random
+    numbers use one init_seed/noise_seed for many subsets). Resumes from the newest
+    checkpoint in ``directory``; ``stop_at`` ends early after that step (the run then resumes
+    later). Returns when ``done.json`` exists.
     """
     directory = Path(directory)
     seed = train_cfg.seed if seed is None else seed
@@ -165,84 +288,20 @@ def train_model(
         raise ValueError("train_model: no training examples (empty index list)")
     steps = total_steps(train_cfg, n)
     if is_trained(directory):
-        info = json.loads((directory / "done.json").read_text())
-        return TrainResult(directory, info["steps"], info["final_loss"], info["seconds"],
-                           info["steps_per_second"])
+        return _finished(directory)
     directory.mkdir(parents=True, exist_ok=True)
-
-    accel = Accelerator(mixed_precision=train_cfg.mixed_precision,
-                        cpu=not torch.cuda.is_available())
-    model = build_unet(model_cfg, data.shape[1], data.shape[-1], seed=init_seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr,
-                            betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-                            weight_decay=train_cfg.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, int(train_cfg.warmup_frac * steps), steps)
-    start = 0
-    torch.manual_seed(seed_from(seed, "dropout"))
-    ckpt = latest_checkpoint(directory)
-    if ckpt is not None:
-        state = json.loads((ckpt / "state.json").read_text())
-        model = load_unet(ckpt / "unet")
-        opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr,
-                                betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-                                weight_decay=train_cfg.weight_decay)
-        sched = get_cosine_schedule_with_warmup(opt, int(train_cfg.warmup_frac * steps), steps)
-        # after the scheduler: its constructor resets the lr that the optimizer state restores
-        _load_optimizer(opt, ckpt / "optimizer.safetensors", state["optimizer"])
-        sched.load_state_dict({**state["lr_scheduler"], "lr_lambdas": [None]})
-        torch.set_rng_state(torch.tensor(state["torch_rng_state"], dtype=torch.uint8))
-        start = state["step"]
-        log.info("resuming %s from step %d", directory, start)
-    model, opt, sched = accel.prepare(model, opt, sched)
-    model.train()
-    abar = build_scheduler(model_cfg).alphas_cumprod.to(accel.device)
-    T = model_cfg.num_train_timesteps
-
-    stats = open(directory / "stats.jsonl", "a")  # noqa: SIM115 - closed below
-    t0, loss_val = time.time(), float("nan")
+    family = get_family(model_cfg.family)
+    session = _setup(family, model_cfg, train_cfg, data.shape[1:], steps, init_seed, seed, device)
+    _resume(session, directory, train_cfg, steps)
+    start = session.start
     end = steps if stop_at is None else min(steps, stop_at)
     bar = tqdm(range(start, end), initial=start, total=steps, desc=desc, disable=not progress,
                leave=False)
-    for step in bar:
-        pos = _batch_indices(n, train_cfg.batch_size, seed, step)
-        x0 = data[torch.as_tensor(pos)].to(accel.device)
-        t, eps, flip = _step_randomness(step, noise_seed, x0.shape, T, train_cfg.hflip)
-        t, eps = t.to(accel.device), eps.to(accel.device)
-        if flip is not None:
-            x0 = torch.where(flip.to(accel.device)[:, None, None, None], x0.flip(-1), x0)
-        a = abar[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        with accel.autocast():
-            pred = model(x_t, t).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), eps)
-        accel.backward(loss)
-        if train_cfg.grad_clip > 0:
-            accel.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_val = loss.item()
-        done = step + 1
-        if done % 10 == 0 or done == end:
-            bar.set_postfix(loss=f"{loss_val:.4f}")
-            stats.write(json.dumps({"step": done, "loss": loss_val,
-                                    "lr": sched.get_last_lr()[0],
-                                    "seconds": round(time.time() - t0, 3)}) + "\n")
-        if done % train_cfg.checkpoint_every == 0 or done == end:
-            stats.flush()
-            _save_checkpoint(directory, done, accel.unwrap_model(model), opt, sched, loss_val)
-            if on_checkpoint is not None:
-                on_checkpoint(done)
-    stats.close()
+    t0 = time.time()
+    loss_val = _loop(session, data, model_cfg, train_cfg, directory, seed, noise_seed, steps,
+                     end, bar, on_checkpoint)
     seconds = time.time() - t0
     rate = (end - start) / seconds if seconds > 0 else float("nan")
     if end < steps:
         return TrainResult(directory, end, loss_val, seconds, rate)
-    final = accel.unwrap_model(model)
-    save_unet(final, directory / "unet")
-    info = {"steps": steps, "final_loss": loss_val, "seconds": seconds,
-            "steps_per_second": rate, "n_examples": n}
-    (directory / "done.json").write_text(json.dumps(info, indent=2))
-    log.info("trained %s: %d steps, %.2f steps/s, final loss %.4f", directory, steps, rate,
-             loss_val)
-    return TrainResult(directory, steps, loss_val, seconds, rate)
+    return _finish(session, directory, steps, n, loss_val, seconds, rate)

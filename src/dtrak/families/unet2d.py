@@ -1,28 +1,35 @@
-"""UNet and noise-schedule presets; load and save in diffusers' own format.
+"""The ``unet2d`` family: pixel-space diffusers ``UNet2DModel``s, the paper's CIFAR/CelebA arm.
 
 Models are diffusers ``UNet2DModel`` (epsilon prediction) with a ``DDPMScheduler``
 (linear betas 1e-4 .. 0.02, T = 1000). A model directory is what ``save_pretrained``
 writes (``config.json`` + ``diffusion_pytorch_model.safetensors``), so any diffusers user
-can load it, and any diffusers UNet2DModel directory can be attributed.
+can load it, and any diffusers UNet2DModel directory can be attributed. A raw example is an
+image tensor in [-1, 1]; a class-conditional UNet takes ``{"class_labels": [B]}`` as
+conditioning.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from torch.func import functional_call
 
-from .config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, SamplingConfig
+from ..sampling import SampleBatch, sample_loop
+from .base import Cond, ModelFamily
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "UNET_PRESETS",
+    "UNet2DAdapter",
+    "UNet2DFamily",
     "build_scheduler",
     "build_unet",
-    "count_parameters",
     "load_unet",
     "save_unet",
     "unet_kwargs",
@@ -110,10 +117,6 @@ def build_scheduler(cfg: ModelConfig, kind: str = "ddpm") -> DDPMScheduler | DDI
     raise ConfigError(f"scheduler kind must be ddpm or ddim, got {kind!r}")
 
 
-def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 def save_unet(model: UNet2DModel, directory: str | Path) -> None:
     """Write ``config.json`` and ``diffusion_pytorch_model.safetensors``."""
     model.save_pretrained(str(directory), safe_serialization=True)
@@ -130,3 +133,68 @@ def load_unet(directory: str | Path) -> UNet2DModel:
     model = UNet2DModel.from_pretrained(str(path), local_files_only=True)
     model.eval()
     return model
+
+
+class UNet2DAdapter:
+    """A pixel-space diffusers ``UNet2DModel`` bound for the engine.
+
+    ``prepare(batch)`` takes images ``[B, C, H, W]`` in ``[-1, 1]`` (or ``[B, K, C, H, W]``,
+    one clean image per timestep, for Journey TRAK) and returns them with an empty
+    conditioning dict; pass ``{"class_labels": LongTensor[B]}`` as ``cond`` for a
+    class-conditional UNet.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.module = model
+
+    def prepare(self, batch: torch.Tensor) -> tuple[torch.Tensor, Cond]:
+        if not isinstance(batch, torch.Tensor) or batch.dim() not in (4, 5):
+            raise ValueError(
+                "UNet2DAdapter.prepare expects an image tensor [B, C, H, W] in [-1, 1], got "
+                f"{type(batch).__name__} {tuple(getattr(batch, 'shape', ()))}"
+            )
+        return batch, {}
+
+    def eps(self, params_and_buffers: dict[str, torch.Tensor], x_t: torch.Tensor,
+            t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        kwargs = {**cond, "return_dict": False}
+        return functional_call(self.module, params_and_buffers, (x_t, t), kwargs)[0]
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.module(x_t, t, **cond).sample
+
+    def attributed_parameters(self) -> list[str] | None:
+        return None  # every trainable parameter
+
+
+class UNet2DFamily(ModelFamily):
+    name = "unet2d"
+    description = "pixel-space diffusers UNet2DModel, epsilon prediction, linear betas"
+
+    def build(self, cfg: ModelConfig, example_shape: Sequence[int], seed: int | None = None
+              ) -> UNet2DModel:
+        return build_unet(cfg, int(example_shape[0]), int(example_shape[-1]), seed=seed)
+
+    def load(self, directory: str | Path) -> UNet2DModel:
+        return load_unet(directory)
+
+    def save(self, model: torch.nn.Module, directory: str | Path) -> None:
+        save_unet(model, directory)
+
+    def scheduler(self, cfg: ModelConfig, kind: str = "ddpm"):
+        return build_scheduler(cfg, kind)
+
+    def adapter(self, model: torch.nn.Module) -> UNet2DAdapter:
+        return UNet2DAdapter(model)
+
+    def sample_shape(self, model: torch.nn.Module) -> tuple[int, ...]:
+        s = model.config.sample_size
+        return (model.config.in_channels, s, s)
+
+    def sample(self, model: torch.nn.Module, cfg: ModelConfig, sampling: SamplingConfig,
+               image_ids: Sequence[int], keep_trajectory: bool) -> SampleBatch:
+        p = next(model.parameters())
+        model.eval()
+        return sample_loop(lambda x, t: model(x, t).sample, build_scheduler(cfg, sampling.sampler),
+                           self.sample_shape(model), sampling, list(image_ids), keep_trajectory,
+                           p.device, p.dtype)

@@ -1,33 +1,52 @@
-"""Attribution methods over a run: which features each needs and how it scores targets.
+"""What a method is, and the context it reads: features, solvers and models of a run.
 
 A method turns a target set (``val``, ``gen`` or any registered set) into a score matrix
 ``[targets, N_train]``; positive means the training example helps the target (lowers its
 loss). Methods with a ridge term take ``lam`` (absolute); :func:`default_lambda` gives the
-value used when no LDS has chosen one. The numerical cores live in :mod:`dtrak.scoring`;
-this module connects them to a run's features, images and models through a
-:class:`Context`, which computes missing features on demand (resumably, via the store).
+value used when no LDS has chosen one. The numerical cores live in :mod:`dtrak.scoring`.
+
+Methods compute scores from features and saved tables only. A method that needs retrained
+models says so with :class:`PoolNeed`; the stages train those models and write their loss
+tables before the method runs (:mod:`dtrak.stages.pools`), so scoring never trains.
+
+The :class:`Context` computes missing features on demand (resumably, via the store). Its
+answers are functions of their arguments alone: features are keyed by (model id, set,
+feature spec), solvers by (model id, spec), and a model id names one model directory.
 """
 
 from __future__ import annotations
 
-import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import scoring
-from .featurize import FeatureSpec, featurize_into, featurize_many
-from .gradients import UNet2DAdapter
-from .model import build_scheduler, load_unet
-from .noise import ScheduleConstants
-from .outputs import OUTPUTS
+from .. import scoring
+from ..config import Config
+from ..families import DiffusionAdapter, ModelFamily
+from ..featurize import FeatureSpec, featurize_into, featurize_many
+from ..lambdas import lambda_grid, prior_lambda_rel
+from ..noise import ScheduleConstants
+from ..paths import RunPaths
+from ..runtime import Placement
 
-log = logging.getLogger(__name__)
+__all__ = ["Context", "Method", "PoolNeed", "default_lambda", "method_lambda_grid"]
 
-__all__ = ["Context", "Method", "METHODS", "default_lambda", "get_method", "register"]
+
+@dataclass(frozen=True)
+class PoolNeed:
+    """Retrained models a method reads (the run's attribution pool, ``RUN/pool``).
+
+    ``members=None``: every pool subset with every seed; ``members=n``: the first ``n``
+    subsets, first seed. ``losses``: also their losses on the targets (``RUN/pool/truth``).
+    """
+
+    members: int | None = None
+    losses: bool = False
 
 
 @dataclass(frozen=True)
@@ -42,6 +61,7 @@ class Method:
     sets: tuple[str, ...] | None = None  # target sets it applies to (None: all)
     kernel: bool = False  # plain TRAK-style kernel: LDS over lambda straight from the solver
     n_timesteps: int | None = None  # K of its features (None: attribution.n_timesteps)
+    pool: PoolNeed | None = None  # retrained models it reads (trained by the stages)
 
     def applies_to(self, set_name: str) -> bool:
         return self.sets is None or set_name in self.sets
@@ -51,56 +71,61 @@ class Method:
         return ctx if self.n_timesteps is None else ctx.at_timesteps(self.n_timesteps)
 
 
-METHODS: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    METHODS[method.name] = method
-    return method
-
-
-def get_method(name: str) -> Method:
-    """A registered method, ``kernel-<output>``, or either with ``@K`` (K timesteps)."""
-    if name in METHODS:
-        return METHODS[name]
-    if "@" in name:
-        base_name, _, k = name.partition("@")
-        if not k.isdigit() or int(k) < 1:
-            raise ValueError(f"method {name!r}: after '@' give the number of timesteps K >= 1, "
-                             f"e.g. {base_name}@100")
-        return register(_at_timesteps(get_method(base_name), int(k)))
-    if name.startswith("kernel-") and name[7:] in OUTPUTS:
-        return register(_kernel(name, name[7:], f"TRAK-style kernel on {name[7:]} features"))
-    known = ", ".join(list(METHODS) + [f"kernel-{o}" for o in OUTPUTS])
-    raise ValueError(f"unknown attribution method {name!r}; known: {known}")
+_CKPT_ID = re.compile(r"ckpt-(\d+)$")
+_POOL_ID = re.compile(r"pool-m(\d+)$")
 
 
 @dataclass
 class Context:
-    """What methods read: a run's config, data, models and (lazily computed) features.
+    """What methods read: a run's config, examples, models and (lazily computed) features.
 
-    ``sets`` maps a target-set name to its images ``[T, C, H, W]``; ``train`` is the
-    training set ``[N, C, H, W]``. Features are computed into ``feature_dir(...)`` stores.
+    ``train`` holds the training examples and ``sets`` maps a target-set name to its
+    examples; ``full_model_dir`` is the attributed model. Model ids: ``full``,
+    ``ckpt-<step>`` (its training checkpoints) and ``pool-m<MMM>`` (pool subset models,
+    first seed; needs ``paths``). Features go to ``feature_dir(model_id, set, feature name)``.
     """
 
-    cfg: object  # dtrak.config.Config
+    cfg: Config
+    family: ModelFamily
     train: torch.Tensor
     sets: dict[str, torch.Tensor]
-    model_dir: object  # Path of the full model's diffusers directory
-    feature_dir: Callable[[str, str, str], object]  # (model_id, set, feature name) -> Path
-    progress: bool = True
+    full_model_dir: Path
+    feature_dir: Callable[[str, str, str], Path]
+    paths: RunPaths | None = None
+    placement: Placement = field(
+        default_factory=lambda: Placement(torch.device("cpu"), torch.float32))
     trajectories: dict[str, torch.Tensor] = field(default_factory=dict)
-    run_dir: object = None  # Path of the run (methods that retrain models need it), or None
+    sampler_timesteps: list[int] | None = None  # of the generated set, in sampling order
+    progress: bool = True
     _features: dict = field(default_factory=dict, repr=False)
     _solvers: dict = field(default_factory=dict, repr=False)
 
     @cached_property
     def sched(self) -> ScheduleConstants:
-        return ScheduleConstants.from_scheduler(build_scheduler(self.cfg.model))
+        return ScheduleConstants.from_scheduler(self.family.scheduler(self.cfg.model))
 
     @cached_property
-    def adapter(self) -> UNet2DAdapter:
-        return UNet2DAdapter(load_unet(self.model_dir))
+    def full_adapter(self) -> DiffusionAdapter:
+        return self._load(self.full_model_dir)
+
+    def _load(self, directory: Path) -> DiffusionAdapter:
+        return self.family.adapter(self.placement.put(self.family.load(directory)))
+
+    def model_dir(self, model_id: str) -> Path:
+        """The model directory a model id names."""
+        if model_id == "full":
+            return Path(self.full_model_dir)
+        if m := _CKPT_ID.match(model_id):
+            return (Path(self.full_model_dir).parent / "checkpoints"
+                    / f"step-{int(m.group(1)):07d}" / "unet")
+        if (m := _POOL_ID.match(model_id)) and self.paths is not None:
+            return self.paths.pool_model(int(m.group(1)), self.cfg.lds.seeds[0]) / "unet"
+        raise ValueError(f"unknown model id {model_id!r} (full, ckpt-<step>, pool-m<MMM> with a "
+                         "run directory)")
+
+    def adapter(self, model_id: str = "full") -> DiffusionAdapter:
+        """The model ``model_id`` on the run's device (the full model is kept loaded)."""
+        return self.full_adapter if model_id == "full" else self._load(self.model_dir(model_id))
 
     def spec(self, output: str, **changes) -> FeatureSpec:
         a = self.cfg.attribution
@@ -125,20 +150,24 @@ class Context:
                                                     n_timesteps=n_timesteps))
         other = replace(self, cfg=cfg)
         other._features, other._solvers = self._features, self._solvers
-        for name in ("sched", "adapter"):  # reuse the loaded model and schedule
+        for name in ("sched", "full_adapter"):  # reuse the loaded model and schedule
             if name in self.__dict__:
                 other.__dict__[name] = self.__dict__[name]
         return other
 
-    def features(self, set_name: str, output: str, adapter=None, model_id: str = "full",
-                 spec: FeatureSpec | None = None, examples: torch.Tensor | None = None,
+    def features(self, set_name: str, output: str, model_id: str = "full",
+                 spec: FeatureSpec | None = None, examples=None,
                  timestep_values: torch.Tensor | None = None) -> np.ndarray:
-        """Features ``[n, k]`` of a set for one output function (computed if missing)."""
+        """Features ``[n, k]`` of a set for one output function (computed if missing).
+
+        ``examples``/``timestep_values`` replace the set's examples and the spec's timesteps
+        for specs that say so (``spec.journey``: one clean image per timestep).
+        """
         spec = spec or self.spec(output)
-        key = (model_id, set_name, spec.name)
+        key = (model_id, set_name, spec)
         if key not in self._features:
             store = featurize_into(
-                adapter or self.adapter,
+                self.adapter(model_id),
                 self.examples(set_name) if examples is None else examples,
                 self.feature_dir(model_id, set_name, spec.name), spec, self.sched,
                 model_id, set_name, batch_size=self.cfg.attribution.batch_size,
@@ -156,69 +185,34 @@ class Context:
         """
         outputs = list(dict.fromkeys(outputs))
         todo = {o: self.feature_dir(model_id, set_name, self.spec(o).name) for o in outputs
-                if (model_id, set_name, self.spec(o).name) not in self._features}
+                if (model_id, set_name, self.spec(o)) not in self._features}
         if len(todo) > 1:
-            featurize_many(self.adapter, self.examples(set_name), todo, self.spec(outputs[0]),
-                           self.sched, model_id, set_name,
+            featurize_many(self.adapter(model_id), self.examples(set_name), todo,
+                           self.spec(outputs[0]), self.sched, model_id, set_name,
                            batch_size=self.cfg.attribution.batch_size, progress=self.progress)
         return {o: self.features(set_name, o, model_id=model_id) for o in outputs}
 
     def solver(self, output: str, model_id: str = "full") -> scoring.KernelSolver:
-        """The kernel of ``model_id``'s training features (computed first for other models)."""
-        key = (model_id, self.spec(output).name)
+        """The kernel of ``model_id``'s training features (computed first if missing)."""
+        key = (model_id, self.spec(output))
         if key not in self._solvers:
             self._solvers[key] = scoring.KernelSolver(
                 self.features("train", output, model_id=model_id))
         return self._solvers[key]
 
 
-# Prior ridge values relative to the kernel's scale trace(Phi^T Phi)/N, used only when no
-# LDS has selected lambda: SPEC section 7 found about 0.1 for the loss and 1e-3..1e-4 for
-# the D-TRAK output functions.
-_LAMBDA_PRIOR = {"loss": 1e-1, "elbo": 1e-1}
-_LAMBDA_PRIOR_DEFAULT = 1e-3
-
-
-def prior_lambda_rel(output: str) -> float:
-    """The ridge prior of an output function, relative to trace(Phi^T Phi)/N."""
-    return _LAMBDA_PRIOR.get(output, _LAMBDA_PRIOR_DEFAULT)
-
-
 def default_lambda(ctx: Context, method: Method) -> float | None:
+    """The prior lambda of a method (absolute), or None for methods without one."""
     if not method.uses_lambda:
         return None
     ctx = method.context(ctx)
     return prior_lambda_rel(method.output) * ctx.solver(method.output).trace_scale
 
 
-def lambda_grid(ctx: Context, method: Method) -> np.ndarray:
+def method_lambda_grid(ctx: Context, method: Method) -> np.ndarray:
+    """The lambdas a method's LDS selects from (``attribution.lambdas``: paper or relative)."""
     ctx = method.context(ctx)
     solver = ctx.solver(method.output)
     scale = ctx.cfg.attribution.lambdas
-    return scoring.lambda_grid("absolute" if scale == "paper" else "relative",
-                               trace_scale=solver.trace_scale)
-
-
-def _kernel(name: str, output: str, description: str) -> Method:
-    def score(ctx: Context, set_name: str, lam: float) -> np.ndarray:
-        return ctx.solver(output).scores(ctx.features(set_name, output), lam)
-
-    return Method(name, description,
-                  "positive: up-weighting z lowers the target's output (helps)",
-                  score, uses_lambda=True, outputs=(output,), output=output, kernel=True)
-
-
-def _at_timesteps(base: Method, k: int) -> Method:
-    """``base`` with its features taken at ``k`` timesteps (the ``method@K`` names)."""
-
-    def score(ctx: Context, set_name: str, lam: float | None) -> np.ndarray:
-        return base.score(ctx.at_timesteps(k), set_name, lam)
-
-    return replace(base, name=f"{base.name}@{k}", description=f"{base.description} (K = {k})",
-                   score=score, n_timesteps=k)
-
-
-register(_kernel("trak", "loss", "TRAK: kernel on loss-gradient features (L_Simple)"))
-register(_kernel("dtrak", "square", "D-TRAK: kernel on L_Square-gradient features"))
-
-from . import baselines  # noqa: E402,F401  (registers the baselines)
+    return lambda_grid("absolute" if scale == "paper" else "relative",
+                       trace_scale=solver.trace_scale)

@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .data import load_image_folder
-from .featurize import FeatureSpec, featurize_into
-from .gradients import UNet2DAdapter
-from .methods import prior_lambda_rel
-from .model import build_scheduler, load_unet
-from .noise import ScheduleConstants
-from .scoring import KernelSolver
+from ..config import ModelConfig
+from ..data import load_image_folder
+from ..families import get_family
+from ..featurize import FeatureSpec, featurize_into
+from ..lambdas import prior_lambda_rel
+from ..noise import ScheduleConstants
+from ..runtime import resolve_device
+from ..scoring import KernelSolver
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +73,27 @@ def attribute_images(
     cache_dir: str | Path | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    device: str = "auto",
 ) -> list[Attribution]:
     """Score every training image in ``data`` for each image in ``images``.
 
     Args:
-        model_dir: a diffusers UNet2DModel directory (config.json + safetensors).
+        model_dir: a saved model of ``model_cfg.family`` (default ``unet2d``: a diffusers
+            UNet2DModel directory, config.json + safetensors).
         data: the folder of training images (recursive; sorted paths are the columns).
         images: target image files or folders.
         spec: the features (output function, timesteps, projection); D-TRAK by default.
-        model_cfg: the noise schedule (default: linear 1e-4..0.02, T = 1000).
+        model_cfg: the family and noise schedule (default: unet2d, linear 1e-4..0.02,
+            T = 1000).
         lam_rel: ridge term relative to trace(Phi^T Phi)/N (default: a per-output prior).
         cache_dir: where training features are cached (default ~/.cache/dtrak/attribute).
+        device: auto, cpu, cuda or cuda:N.
     """
     model_dir = Path(model_dir)
-    unet = load_unet(model_dir)
-    res, ch = unet.config.sample_size, unet.config.in_channels
+    model_cfg = model_cfg or ModelConfig()
+    family = get_family(model_cfg.family)
+    model = family.load(model_dir).to(resolve_device(device))
+    ch, res, _ = family.sample_shape(model)
     train, train_paths = load_image_folder(data, resolution=res, channels=ch)
     targets, target_paths = [], []
     for item in images:
@@ -95,8 +101,8 @@ def attribute_images(
         targets.append(x)
         target_paths += p
     target = torch.cat(targets)
-    sched = ScheduleConstants.from_scheduler(build_scheduler(model_cfg or ModelConfig()))
-    adapter = UNet2DAdapter(unet)
+    sched = ScheduleConstants.from_scheduler(family.scheduler(model_cfg))
+    adapter = family.adapter(model)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     key = _fingerprint(model_dir, train_paths, spec)
     store = featurize_into(adapter, train, cache / key / "train", spec, sched, "attribute",

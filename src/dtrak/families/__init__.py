@@ -1,0 +1,37 @@
+"""Model families: each kind of diffusion model is one module and one registration line.
+
+=========  ==================================================================
+family     models
+=========  ==================================================================
+unet2d     pixel-space diffusers ``UNet2DModel`` (the paper's CIFAR / CelebA)
+=========  ==================================================================
+
+To add one: write a module with a :class:`~dtrak.families.base.ModelFamily` subclass and
+register an instance below; ``model.family = "<name>"`` then selects it in every stage.
+"""
+
+from __future__ import annotations
+
+from .base import (
+    FAMILIES,
+    Cond,
+    DiffusionAdapter,
+    ModelFamily,
+    count_parameters,
+    get_family,
+    register_family,
+)
+from .unet2d import UNet2DAdapter, UNet2DFamily
+
+__all__ = [
+    "FAMILIES",
+    "Cond",
+    "DiffusionAdapter",
+    "ModelFamily",
+    "UNet2DAdapter",
+    "count_parameters",
+    "get_family",
+    "register_family",
+]
+
+register_family(UNet2DFamily())

@@ -1,0 +1,114 @@
+"""The data, train and generate stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..data import save_split_indices
+from ..families import ModelFamily
+from ..images import save_grid, save_pngs
+from ..train import train_model
+from .run import Run, RunConfigError
+
+__all__ = ["generate_into", "stage_data", "stage_generate", "stage_train", "train_images_file"]
+
+
+def stage_data(run: Run) -> dict:
+    """Resolve the splits, save their indices, a summary and a preview grid."""
+    ds = run.dataset
+    run.paths.data.mkdir(parents=True, exist_ok=True)
+    if not run.paths.splits.exists():
+        save_split_indices(ds, run.paths.splits)
+    summary = ds.summary()
+    (run.paths.data / "summary.json").write_text(json.dumps(summary, indent=2))
+    preview = run.paths.data / "preview.png"
+    if not preview.exists():
+        save_grid(ds.train.images[:64], preview, nrow=8)
+    return summary
+
+
+def train_images_file(run: Run) -> Path:
+    """The training images as one ``.npy`` file that farm workers read."""
+    path = run.paths.data / "train_images.npy"
+    if not path.exists():
+        run.paths.data.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, run.dataset.train.images.numpy())
+        tmp.rename(path)
+    return path
+
+
+def stage_train(run: Run) -> dict:
+    """Train the full model on the whole training split (resumes from checkpoints)."""
+    ds = run.dataset
+    res = train_model(ds.train.images, run.cfg.model, run.cfg.train, run.paths.model,
+                      progress=run.progress, desc="train full model",
+                      device=run.placement.device)
+    return {"steps": res.steps, "final_loss": res.final_loss,
+            "steps_per_second": res.steps_per_second, "device": str(run.placement.device),
+            "parameters": run.family.describe(run.model())["parameters"]}
+
+
+def generate_into(family: ModelFamily, model, run_cfg: Config, directory: Path, n: int,
+                  progress: bool = True, desc: str = "generate",
+                  keep_trajectory: bool | None = None) -> np.ndarray:
+    """Generate images 0..n-1 into ``directory`` (resumable by batch); returns [n, C, H, W]."""
+    sc = run_cfg.sampling
+    keep = sc.save_trajectory if keep_trajectory is None else keep_trajectory
+    directory.mkdir(parents=True, exist_ok=True)
+    shape = family.sample_shape(model)
+    imgs = _memmap(directory / "images.npy", (n, *shape), np.float32)
+    done = _memmap(directory / "done.npy", (n,), np.uint8)
+    traj = (_memmap(directory / "trajectory.npy", (n, sc.steps, *shape), np.float16)
+            if keep else None)
+    todo = np.flatnonzero(done == 0)
+    bar = tqdm(total=n, initial=n - len(todo), desc=desc, disable=not progress, leave=False)
+    for start in range(0, len(todo), sc.batch_size):
+        ids = todo[start:start + sc.batch_size]
+        out = family.sample(model, run_cfg.model, sc, [int(i) for i in ids], keep)
+        imgs[ids] = out.images.numpy()
+        if traj is not None:
+            traj[ids] = out.trajectory.numpy().astype(np.float16)
+            traj.flush()
+        imgs.flush()
+        done[ids] = 1
+        done.flush()
+        bar.update(len(ids))
+    bar.close()
+    meta = {"n": n, "sampler": sc.sampler, "steps": sc.steps, "eta": sc.eta,
+            "gen_seed": sc.gen_seed, "seed_rule": "image i: 1000 * gen_seed + i",
+            "timesteps": out.timesteps.tolist() if len(todo) else None}
+    meta_path = directory / "meta.json"
+    if len(todo) or not meta_path.exists():
+        if meta["timesteps"] is None:
+            meta.pop("timesteps")
+        meta_path.write_text(json.dumps(meta, indent=2))
+    return np.array(imgs)
+
+
+def _memmap(path: Path, shape: tuple, dtype) -> np.memmap:
+    if path.exists():
+        arr = np.load(path, mmap_mode="r+")
+        if arr.shape != tuple(shape):
+            raise RunConfigError(f"{path} has shape {arr.shape}, expected {shape}; "
+                                 "remove it or use --overwrite")
+        return arr
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+
+
+def stage_generate(run: Run) -> dict:
+    """Generate the run's sample set: images.npy, PNG files and a grid."""
+    model = run.model()
+    n = run.cfg.sampling.n_images
+    images = generate_into(run.family, model, run.cfg, run.paths.gen, n, run.progress)
+    png_dir = run.paths.gen / "png"
+    if not (png_dir / f"{n - 1:06d}.png").exists():
+        save_pngs(torch.from_numpy(images), png_dir)
+    save_grid(torch.from_numpy(images[:100]), run.paths.gen / "grid.png", nrow=10)
+    return {"n_images": n, "grid": str(run.paths.gen / "grid.png")}

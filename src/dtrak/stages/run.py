@@ -1,0 +1,183 @@
+"""A run: its directory, its resolved config, and what every stage reads from them.
+
+A stage is a plain function of a :class:`Run` and skips what is already done, so ``dtrak
+run`` can be interrupted and started again. The run resolves once what all stages share:
+the data set, the model family, the device and dtype (``runtime``), the executor of its
+farms, and the attribution :class:`~dtrak.methods.Context`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config, diff_configs, load_config, save_config, to_dict
+from ..data import Dataset, load_dataset
+from ..families import ModelFamily, get_family
+from ..farm import Executor, make_executor
+from ..methods import Context
+from ..paths import RunPaths
+from ..runtime import Placement, placement, set_threads
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RESULT_NEUTRAL_KEYS", "Run", "RunConfigError", "open_run"]
+
+
+class RunConfigError(ValueError):
+    """A run directory holds results of a different configuration."""
+
+
+# Which outputs become stale when a config section changes (used by --overwrite).
+_DEPENDENTS = {
+    "data": ("data", "model", "gen", "features", "scores", "lds", "pool", "results",
+             "counterfactual", "report"),
+    "model": ("model", "gen", "features", "scores", "lds", "pool", "results", "counterfactual",
+              "report"),
+    "train": ("model", "gen", "features", "scores", "lds", "pool", "results", "counterfactual",
+              "report"),
+    "sampling": ("gen", "features", "scores", "results", "counterfactual", "report"),
+    "attribution": ("features", "scores", "results", "counterfactual", "report"),
+    "lds": ("lds", "pool", "results", "report"),
+    "counterfactual": ("counterfactual", "report"),
+    # runtime.dtype (the only key of the section that changes results): what models compute
+    # after training; trained models stay
+    "runtime": ("gen", "features", "scores", "lds/truth", "pool/truth", "results",
+                "counterfactual", "report"),
+}
+
+
+# Keys that choose what to compute, where or how fast, never what a result is: changing them
+# does not make a run's saved outputs stale.
+RESULT_NEUTRAL_KEYS = frozenset({
+    "name", "stages", "attribution.methods", "attribution.targets",
+    "attribution.batch_size", "attribution.clip_path", "sampling.batch_size",
+    "counterfactual.methods", "runtime.device", "runtime.executor", "runtime.workers",
+    "runtime.threads",
+})
+
+
+@dataclass
+class Run:
+    """A run directory and its resolved config. Stages read and write through ``paths``."""
+
+    paths: RunPaths
+    cfg: Config
+    progress: bool = True
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        ds = load_dataset(self.cfg.data)
+        if self.paths.splits.exists():
+            saved = json.loads(self.paths.splits.read_text())
+            if list(saved["train"]) != ds.train.source_indices.tolist():
+                raise RunConfigError(
+                    f"the training split of {self.paths.root} differs from the one saved in "
+                    f"{self.paths.splits} (data changed on disk?); use a new run directory"
+                )
+        return ds
+
+    @cached_property
+    def family(self) -> ModelFamily:
+        return get_family(self.cfg.model.family)
+
+    @cached_property
+    def placement(self) -> Placement:
+        return placement(self.cfg.runtime)
+
+    def executor(self, progress: bool | None = None) -> Executor:
+        return make_executor(self.cfg.runtime, self.progress if progress is None else progress)
+
+    def load_model(self, directory: Path) -> torch.nn.Module:
+        """A saved model of the run's family, on the run's device and dtype (eval mode)."""
+        return self.placement.put(self.family.load(directory))
+
+    def model(self) -> torch.nn.Module:
+        """The trained full model (eval mode, on the run's device)."""
+        unet_dir = self.paths.model / "unet"
+        if not unet_dir.exists():
+            raise FileNotFoundError(
+                f"no trained model in {self.paths.model}; run `dtrak train --out "
+                f"{self.paths.root}` first"
+            )
+        return self.load_model(unet_dir)
+
+    @cached_property
+    def context(self) -> Context:
+        """The attribution context of the run (targets cut to ``attribution.n_targets``)."""
+        ds = self.dataset
+        n = self.cfg.attribution.n_targets
+        sets = {"val": ds.val.images[:n]}
+        trajectories, sampler_ts = {}, None
+        gen = self.paths.gen
+        if (gen / "images.npy").exists():
+            sets["gen"] = torch.from_numpy(np.load(gen / "images.npy")[:n])
+            if (gen / "trajectory.npy").exists():
+                trajectories["gen"] = torch.from_numpy(
+                    np.load(gen / "trajectory.npy", mmap_mode="r")[:n].astype(np.float32))
+            if (gen / "meta.json").exists():
+                sampler_ts = json.loads((gen / "meta.json").read_text()).get("timesteps")
+        return Context(self.cfg, self.family, ds.train.images, sets, self.paths.model / "unet",
+                       self.paths.features, paths=self.paths, placement=self.placement,
+                       trajectories=trajectories, sampler_timesteps=sampler_ts,
+                       progress=self.progress)
+
+    def target_sets(self) -> list[str]:
+        """The configured target sets, each checked to exist."""
+        missing = [s for s in self.cfg.attribution.targets if s not in self.context.sets]
+        if missing:
+            raise FileNotFoundError(
+                f"target set(s) {', '.join(missing)} not available in {self.paths.root}: "
+                "run `dtrak generate` first for gen"
+            )
+        return list(self.cfg.attribution.targets)
+
+
+def open_run(out: str | Path, cfg: Config | None = None, overwrite: bool = False,
+             progress: bool = True) -> Run:
+    """Open (or create) the run at ``out``.
+
+    With ``cfg`` None the saved config is used. A different ``cfg`` for an existing run is
+    refused with the list of differing keys, unless ``overwrite``: then the outputs that
+    depend on the changed sections are deleted and the new config is saved. Saved configs
+    are compared after resolving them (keys added since they were written take defaults).
+    """
+    paths = RunPaths(Path(out))
+    if cfg is None:
+        if not paths.config.exists():
+            raise FileNotFoundError(
+                f"{paths.root} is not a run directory (no config.json); give a config, "
+                "e.g. `dtrak run configs/tiny.toml --out RUN`"
+            )
+        cfg = load_config(paths.config)
+    if paths.config.exists():
+        saved = to_dict(load_config(paths.config))
+        diff = [k for k in diff_configs(saved, cfg) if k not in RESULT_NEUTRAL_KEYS]
+        if diff:
+            if not overwrite:
+                raise RunConfigError(
+                    f"{paths.root} was made with a different config (keys: {', '.join(diff)}); "
+                    "use another --out directory, or --overwrite to recompute what they affect"
+                )
+            _remove_stale(paths, diff)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, paths.config)
+    set_threads(cfg.runtime.threads)
+    return Run(paths, cfg, progress)
+
+
+def _remove_stale(paths: RunPaths, diff: list[str]) -> None:
+    sections = {k.split(".")[0] for k in diff}
+    stale = sorted({d for s in sections for d in _DEPENDENTS.get(s, ())})
+    for name in stale:
+        target = paths.root / name
+        if target.exists():
+            log.warning("config changed (%s): removing %s", ", ".join(sorted(sections)), target)
+            shutil.rmtree(target)
