@@ -78,3 +78,16 @@ def test_tiny_run_end_to_end(tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["train", "--out", str(out), "--set", "train.steps=41"])
     assert res.exit_code == 2 and "different config" in res.output
+    # a moved run directory continues: nothing is retrained, the results are the same
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    stamps = {p: p.stat().st_mtime_ns for p in moved.glob("*/models/*/done.json")}
+    assert len(stamps) == 4 + 4 + 6  # LDS subsets, pool, counterfactual retrainings
+    res = runner.invoke(main, ["run", str(REPO / "configs" / "tiny.toml"), "--out", str(moved),
+                               "-q"])
+    assert res.exit_code == 0, res.output
+    assert stamps == {p: p.stat().st_mtime_ns for p in moved.glob("*/models/*/done.json")}
+    again = json.loads((moved / "results" / "lds.json").read_text())["records"]
+    assert again == recs
+    assert all(not Path(j["directory"]).is_absolute()
+               for j in json.loads((moved / "lds" / "jobs.json").read_text()))

@@ -173,7 +173,7 @@ def test_stage_writes_results_panels_and_resumes(tiny_run, monkeypatch):
     trak = np.load(run.paths.scores("trak", "gen"))
     np.testing.assert_array_equal(np.load(root / "removed" / "trak.npy"),
                                   cf.top_k_removal(trak, targets, 8))
-    jobs = {j.name: j for j in load_jobs(root / "jobs.json")}
+    jobs = {j.name: j for j in load_jobs(root / "jobs.json", run.paths.root)}
     assert len(jobs) == 6 and all(j.done for j in jobs.values())
     t = targets[0]
     job = jobs[cf.job_name("trak", t)]

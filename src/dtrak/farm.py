@@ -45,6 +45,7 @@ __all__ = [
     "make_executor",
     "pending",
     "run_job",
+    "same_job",
     "save_jobs",
     "train_jobs",
 ]
@@ -103,33 +104,68 @@ class TrainJob:
                    str(Path(self.directory) / "done.json"))
 
 
-def _normalised(table: list[dict]) -> list[dict]:
-    """A job table with each recipe resolved through its config section (defaults filled in),
-    so tables written before a config key existed still match."""
-    out = []
-    for d in json.loads(json.dumps(table)):
-        out.append({**d, "model": to_dict(section_from_dict(ModelConfig, d["model"], "model")),
-                    "train": to_dict(section_from_dict(TrainConfig, d["train"], "train"))})
+_PATHS = ("directory", "images")  # where a job reads and writes: not part of what it is
+
+
+def _identity(d: dict) -> dict:
+    """What a job is (name, indices, recipe, seeds), with each recipe resolved through its
+    config section (defaults filled in, so tables written before a key existed still match);
+    its paths are left out, so a moved or copied run directory keeps its table."""
+    d = json.loads(json.dumps(d))
+    out = {k: v for k, v in d.items() if k not in _PATHS}
+    out["model"] = to_dict(section_from_dict(ModelConfig, d["model"], "model"))
+    out["train"] = to_dict(section_from_dict(TrainConfig, d["train"], "train"))
     return out
 
 
-def save_jobs(jobs: Sequence[TrainJob], path: str | Path) -> None:
-    """Write the job table; an existing table must list the same jobs."""
+def same_job(a: TrainJob, b: TrainJob) -> bool:
+    return _identity(a.to_dict()) == _identity(b.to_dict())
+
+
+def _relative(d: dict, root: Path | None) -> dict:
+    if root is None:
+        return d
+    out = dict(d)
+    for key in _PATHS:
+        p = Path(d[key]).absolute()
+        if p.is_relative_to(root):
+            out[key] = str(p.relative_to(root))
+    return out
+
+
+def save_jobs(jobs: Sequence[TrainJob], path: str | Path, root: str | Path | None = None
+              ) -> None:
+    """Write the job table; an existing table must list the same jobs.
+
+    With ``root`` (the run directory) paths under it are written relative to it, so the run
+    directory can be moved or copied.
+    """
     path = Path(path)
-    table = [j.to_dict() for j in jobs]
+    root = None if root is None else Path(root).absolute()
+    table = [_relative(j.to_dict(), root) for j in jobs]
     if path.exists():
-        if _normalised(json.loads(path.read_text())) != _normalised(table):
+        old = json.loads(path.read_text())
+        if [_identity(d) for d in old] != [_identity(d) for d in table]:
             raise ValueError(
                 f"{path} lists different jobs (the subsets, seeds or recipe changed); "
                 "use another run directory or --overwrite"
             )
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table))
+    tmp.replace(path)
 
 
-def load_jobs(path: str | Path) -> list[TrainJob]:
-    return [TrainJob.from_dict(d) for d in json.loads(Path(path).read_text())]
+def load_jobs(path: str | Path, root: str | Path | None = None) -> list[TrainJob]:
+    """The job table; relative paths are resolved against ``root`` (the run directory)."""
+    jobs = []
+    for d in json.loads(Path(path).read_text()):
+        if root is not None:
+            d = {**d, **{k: str(Path(root) / d[k]) for k in _PATHS
+                         if not Path(d[k]).is_absolute()}}
+        jobs.append(TrainJob.from_dict(d))
+    return jobs
 
 
 def pending(jobs: Iterable[TrainJob | Job]) -> list:

@@ -44,7 +44,7 @@ from .. import figures
 from ..clip import clip_cosine
 from ..config import Config, to_dict
 from ..families import ModelFamily
-from ..farm import TrainJob, load_jobs, save_jobs, train_jobs
+from ..farm import TrainJob, load_jobs, same_job, save_jobs, train_jobs
 from ..images import save_png
 from ..methods import default_lambda, get_method
 from ..seeding import seed_from
@@ -243,13 +243,13 @@ def counterfactual_jobs(run: Run, targets: Sequence[int] | np.ndarray,
     return jobs
 
 
-def _save_job_table(jobs: Sequence[TrainJob], path: Path) -> None:
+def _save_job_table(jobs: Sequence[TrainJob], path: Path, root: Path) -> None:
     """Write the table; listed jobs must be unchanged, new ones (methods, targets) are added."""
     if not path.exists():
-        save_jobs(jobs, path)
+        save_jobs(jobs, path, root=root)
         return
-    old = {j.name: j for j in load_jobs(path)}
-    changed = [j.name for j in jobs if j.name in old and old[j.name] != j]
+    old = {j.name: j for j in load_jobs(path, root=root)}
+    changed = [j.name for j in jobs if j.name in old and not same_job(old[j.name], j)]
     if changed:
         raise ValueError(
             f"{path} lists other training indices or another recipe for {', '.join(changed[:4])}"
@@ -259,7 +259,7 @@ def _save_job_table(jobs: Sequence[TrainJob], path: Path) -> None:
     if new:
         tmp = path.with_suffix(".tmp.json")
         tmp.unlink(missing_ok=True)
-        save_jobs([*old.values(), *new], tmp)
+        save_jobs([*old.values(), *new], tmp, root=root)
         tmp.replace(path)
 
 
@@ -380,7 +380,7 @@ def stage_counterfactual(run: Run) -> dict:
 
     # 2. one retrained model per (method, target), through the farm
     jobs = counterfactual_jobs(run, targets, removed)
-    _save_job_table(jobs, root / "jobs.json")
+    _save_job_table(jobs, root / "jobs.json", run.paths.root)
     run.executor().run(train_jobs(jobs, run.cfg.runtime), desc="counterfactual models")
 
     # 3. regenerate every target with its models; 4. compare with the originals

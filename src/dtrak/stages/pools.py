@@ -111,7 +111,7 @@ def train_pool(run: Run, pool: Pool, only: Sequence[TrainJob] | None = None,
     """Write the pool's job table and train its models (``only``: just these of them)."""
     masks = pool_masks(run, pool)
     jobs = pool_jobs(run, pool, masks)
-    save_jobs(jobs, pool.root / "jobs.json")
+    save_jobs(jobs, pool.root / "jobs.json", root=run.paths.root)
     todo = jobs if only is None else list(only)
     run.executor().run(train_jobs(todo, run.cfg.runtime), desc=desc or f"{pool.name} models")
     return jobs
