@@ -3,12 +3,12 @@
 A method reads features and saved tables through a :class:`~dtrak.methods.base.Context` and
 returns a ``[targets, N_train]`` score matrix (positive = helps). To add one: write a module
 with a ``METHODS`` tuple of :class:`~dtrak.methods.base.Method` and add it to the
-registration line. ``kernel-<output>`` and ``<method>@K`` are built on demand.
+registration line (a module may also offer a ``build(name)`` for families of names, such as
+``kernel-<output>``; ``<method>@K`` works for every method).
 """
 
 from __future__ import annotations
 
-from ..outputs import OUTPUTS
 from . import baselines, kernel, pool
 from .base import Context, Method, PoolNeed, default_lambda, method_lambda_grid
 
@@ -32,7 +32,7 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
-    """A registered method, ``kernel-<output>``, or either with ``@K`` (K timesteps)."""
+    """A registered method, one a builder makes from its name, or either with ``@K``."""
     if name in METHODS:
         return METHODS[name]
     if "@" in name:
@@ -41,11 +41,14 @@ def get_method(name: str) -> Method:
             raise ValueError(f"method {name!r}: after '@' give the number of timesteps K >= 1, "
                              f"e.g. {base_name}@100")
         return register(kernel.at_timesteps(get_method(base_name), int(k)))
-    if name.startswith("kernel-") and name[7:] in OUTPUTS:
-        return register(kernel.kernel_method(name, name[7:]))
-    known = ", ".join(list(METHODS) + [f"kernel-{o}" for o in OUTPUTS])
+    for build in _BUILDERS:
+        if (method := build(name)) is not None:
+            return register(method)
+    known = ", ".join([*METHODS, *(pattern for b in _BUILDERS for pattern in b.patterns)])
     raise ValueError(f"unknown attribution method {name!r}; known: {known}")
 
 
+# the registration line: a module's METHODS, and its builder of names if it has one
 for _method in (*kernel.METHODS, *baselines.METHODS, *pool.METHODS):
     register(_method)
+_BUILDERS = (kernel.build, pool.build)

@@ -10,9 +10,10 @@ from dataclasses import replace
 
 import numpy as np
 
+from ..outputs import OUTPUTS
 from .base import Context, Method
 
-__all__ = ["METHODS", "at_timesteps", "kernel_method"]
+__all__ = ["METHODS", "at_timesteps", "build", "kernel_method"]
 
 _SIGN = "positive: up-weighting z lowers the target's output (helps)"
 
@@ -41,3 +42,13 @@ METHODS = (
     kernel_method("trak", "loss", "TRAK: kernel on loss-gradient features (L_Simple)"),
     kernel_method("dtrak", "square", "D-TRAK: kernel on L_Square-gradient features"),
 )
+
+
+def build(name: str) -> Method | None:
+    """``kernel-<output>`` for any registered output function."""
+    if name.startswith("kernel-") and name[7:] in OUTPUTS:
+        return kernel_method(name, name[7:])
+    return None
+
+
+build.patterns = ("kernel-<output>",)

@@ -14,13 +14,15 @@ from each method's :class:`~dtrak.methods.base.PoolNeed`); a method only reads t
   the centred mask Gram).
 - Ensembles (``trak-ensemble``, ``dtrak-ensemble``): the first 8 subsets' models (first
   seed); each has its own projection and kernel, and gets the same lambda relative to its
-  own kernel scale; the scores are averaged (TRAK's ensembling).
+  own kernel scale; the scores are averaged (TRAK's ensembling). ``trak-ensemble-<n>`` and
+  ``dtrak-ensemble-<n>`` take the first n models (the ensemble-size ablation).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 from sklearn.linear_model import RidgeCV
@@ -30,7 +32,8 @@ from .base import Context, Method, PoolNeed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DATAMODEL_ALPHAS", "ENSEMBLE_SIZE", "METHODS", "datamodel_alpha", "pool_table"]
+__all__ = ["DATAMODEL_ALPHAS", "ENSEMBLE_SIZE", "METHODS", "build", "datamodel_alpha",
+           "pool_table"]
 
 #: Ridge alphas the datamodel chooses from by leave-one-out error: 10^-2 .. 10^4.
 DATAMODEL_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 4, 13))
@@ -125,3 +128,16 @@ METHODS: tuple[Method, ...] = (
     _ensemble("trak-ensemble", "loss", ENSEMBLE_SIZE),
     _ensemble("dtrak-ensemble", "square", ENSEMBLE_SIZE),
 )
+
+_ENSEMBLE_NAME = re.compile(r"(d?trak)-ensemble-(\d+)$")
+
+
+def build(name: str) -> Method | None:
+    """``trak-ensemble-<n>`` / ``dtrak-ensemble-<n>``: the ensemble of the first n models."""
+    m = _ENSEMBLE_NAME.match(name)
+    if m is None or int(m.group(2)) < 1:
+        return None
+    return _ensemble(name, "loss" if m.group(1) == "trak" else "square", int(m.group(2)))
+
+
+build.patterns = ("trak-ensemble-<n>", "dtrak-ensemble-<n>")
