@@ -156,7 +156,7 @@ def test_cifar2_paper_split_from_shared_folder(monkeypatch):
         ref = np.array(im.convert("RGB"))
     assert torch.allclose(ds.train.images[0], torch.from_numpy(ref).permute(2, 0, 1) / 127.5 - 1)
     # Same indices on a second run (split drawn on the file list; decoding skipped here).
-    monkeypatch.setattr(data, "_load_files",
+    monkeypatch.setattr(data.loaders, "_load_files",
                         lambda paths, *a, **k: torch.zeros(len(paths), 3, 32, 32))
     again = load_dataset(cfg)
     assert np.array_equal(again.train.source_indices, ds.train.source_indices)
@@ -207,7 +207,7 @@ def test_cifar10_missing_and_download_checksum(tmp_path, monkeypatch):
         assert url == data.CIFAR10_URL
         Path(filename).write_bytes(b"not the archive")
 
-    monkeypatch.setattr(data.urllib.request, "urlretrieve", fake_urlretrieve)
+    monkeypatch.setattr(data.loaders.urllib.request, "urlretrieve", fake_urlretrieve)
     with pytest.raises(DataError, match=r"MD5 .* expected c58f30108f718f92721af3b95e74349a"):
         load_dataset(DataConfig(name="cifar10", download=True, cache_dir=str(tmp_path / "c")))
     assert not list((tmp_path / "c").iterdir())
