@@ -1,6 +1,8 @@
 """`dtrak attribute` on a user's model and image folder; the farm's job table resume."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ from dtrak.cli import main
 from dtrak.config import preset, to_dict
 from dtrak.families.unet2d import build_unet, save_unet
 from dtrak.farm import LocalExecutor, TrainJob, load_jobs, save_jobs
+from dtrak.featurize import FeatureSpec
 from dtrak.images import save_pngs
+from dtrak.stages.attribute import attribute_images
 from dtrak.train import train_model
 
 
@@ -37,6 +41,45 @@ def test_attribute_cli_caches_training_features(tmp_path):
     bad = CliRunner().invoke(main, ["attribute", "--model", str(tmp_path / "train"), "--data",
                                     str(tmp_path / "train"), str(tmp_path / "targets")])
     assert bad.exit_code == 2 and "no diffusers model" in bad.output
+
+
+def test_attribute_cache_follows_content_not_paths(tmp_path):
+    save_unet(build_unet(preset("tiny").model, 1, 8, seed=0), tmp_path / "unet")
+    g = torch.Generator().manual_seed(0)
+    train = tmp_path / "train"
+    save_pngs(torch.rand(6, 1, 8, 8, generator=g) * 2 - 1, train)
+    save_pngs(torch.rand(1, 1, 8, 8, generator=g) * 2 - 1, tmp_path / "targets")
+    spec = FeatureSpec(n_timesteps=2, proj_dim=32)
+
+    def scores(data, cache):
+        return attribute_images(tmp_path / "unet", data, [tmp_path / "targets"], spec,
+                                cache_dir=cache, progress=False, device="cpu")[0].scores
+
+    cache = tmp_path / "cache"
+    before = scores(train, cache)
+    store = next(cache.glob("*/train/features.npy"))
+    stamp = store.stat().st_mtime_ns
+    shutil.copytree(train, tmp_path / "moved")  # same images elsewhere: same key
+    for data in (train, tmp_path / "moved"):
+        assert np.array_equal(scores(data, cache), before)
+    assert len(list(cache.iterdir())) == 1 and store.stat().st_mtime_ns == stamp  # reused
+    # replace one training image in place by another of the same byte size and mtime
+    victim = train / "000002.png"
+    st = victim.stat()
+    for seed in range(1, 200):
+        new = save_pngs(torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+                        * 2 - 1, tmp_path / "swap")[0]
+        if new.stat().st_size == st.st_size and new.read_bytes() != victim.read_bytes():
+            break
+    else:
+        pytest.fail("no same-size replacement image found")
+    victim.write_bytes(new.read_bytes())
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert victim.stat().st_size == st.st_size and victim.stat().st_mtime_ns == st.st_mtime_ns
+    after = scores(train, cache)
+    assert not np.allclose(after, before)
+    assert np.array_equal(after, scores(train, tmp_path / "fresh"))
+    assert len(list(cache.iterdir())) == 2
 
 
 def test_job_table_resumes_without_redoing(tmp_path):

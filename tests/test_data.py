@@ -313,3 +313,50 @@ def test_fake_artbench_default_styles(tmp_path):
     ds = load_dataset(DataConfig(name="artbench", root=str(tmp_path), resolution=8))
     assert (len(ds.train), len(ds.val)) == (10, 2)  # paper 5000/1000 exceed this tiny pool
 
+
+
+# ----------------------------------------------------------------------------- unpickling safety
+
+
+class _Evil:
+    """Unpickles into a call that writes a marker file (stands in for os.system)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (self.marker, "ran")
+
+
+def test_cifar_batch_refuses_code_and_checks_its_shape(tmp_path):
+    d = _make_cifar_batches(tmp_path)
+    marker = tmp_path / "pwned"
+    (d / "data_batch_2").write_bytes(pickle.dumps({b"data": _Evil(marker), b"labels": []}))
+    cfg = DataConfig(name="cifar10", root=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"refusing to unpickle pathlib.*write_text from "
+                       r".*data_batch_2: a CIFAR-10 batch holds only arrays"):
+        load_dataset(cfg)
+    assert not marker.exists()
+    (d / "data_batch_2").write_bytes(pickle.dumps((os.system, ("touch " + str(marker),))))
+    with pytest.raises(DataError, match=r"refusing to unpickle (posix|nt)\.system"):
+        load_dataset(cfg)
+    assert not marker.exists()
+    (d / "data_batch_2").write_bytes(pickle.dumps({b"data": np.zeros((2, 10), np.uint8),
+                                                  b"labels": [0, 1]}))
+    with pytest.raises(DataError, match=r"data_batch_2 is not a CIFAR-10 batch"):
+        load_dataset(cfg)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batch_genuine_format_loads(tmp_path, protocol):
+    d = _make_cifar_batches(tmp_path)
+    batch = _cifar_batch(2, 3)  # the official keys: data, labels, batch_label, filenames
+    batch.update({b"batch_label": b"training batch 2 of 5",
+                  b"filenames": [b"%d.png" % i for i in range(20)]})
+    (d / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=protocol))
+    ds = load_dataset(DataConfig(name="cifar10", root=str(tmp_path),
+                                 cache_dir=str(tmp_path / "cache")))
+    assert (len(ds.train), len(ds.val)) == (100, 40)
+    pos = int(np.flatnonzero(ds.train.source_indices == 20)[0])  # first image of batch 2
+    raw = batch[b"data"][0].reshape(3, 32, 32)
+    assert torch.allclose(ds.train.images[pos], torch.from_numpy(raw).float() / 127.5 - 1)

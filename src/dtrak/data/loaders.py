@@ -260,12 +260,52 @@ def _cifar10_at(p: Path) -> tuple[str, Path] | None:
 _TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
-def _unpickle_batch(f) -> tuple[np.ndarray, np.ndarray]:
+# the globals an official CIFAR-10 batch (or a re-pickled one, any protocol) names: numpy's
+# ndarray rebuilders and plain builtin types; everything else is refused
+_CIFAR10_GLOBALS = {
+    *((m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+      for n in ("_reconstruct", "scalar")),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    *((m, n) for m in ("builtins", "__builtin__")
+      for n in ("list", "dict", "tuple", "bytes", "bytearray", "str", "int")),
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds only arrays, lists and dicts (see ``_CIFAR10_GLOBALS``)."""
+
+    def __init__(self, f, name: str):
+        super().__init__(f, encoding="bytes")
+        self.name = name
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR10_GLOBALS:
+            raise DataError(
+                f"refusing to unpickle {module}.{name} from {self.name}: a CIFAR-10 batch "
+                "holds only arrays and lists; the file is damaged or not from CIFAR-10"
+            )
+        return super().find_class(module, name)
+
+
+def _unpickle_batch(f, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file ``f`` (named ``name`` in errors): images [n, 3, 32, 32], labels [n]."""
     # pickle is used ONLY because it is the official CIFAR-10 archive's own format;
-    # dtrak never pickles anything of its own.
-    d = pickle.load(f, encoding="bytes")
-    data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return data, np.asarray(d[b"labels"], dtype=np.int64)
+    # dtrak never pickles anything of its own, and reads it with a restricted unpickler.
+    d = _BatchUnpickler(f, name).load()
+    data = d.get(b"data") if isinstance(d, dict) else None
+    labels = d.get(b"labels") if isinstance(d, dict) else None
+    if (not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32
+            or data.dtype != np.uint8 or not isinstance(labels, list | np.ndarray)
+            or len(labels) != len(data)):
+        raise DataError(
+            f"{name} is not a CIFAR-10 batch: expected a dict with b'data' (uint8 [n, 3072]) "
+            "and b'labels' (n labels); re-download the official archive"
+        )
+    y = np.asarray(labels, dtype=np.int64)
+    if y.size and (y.min() < 0 or y.max() >= len(CIFAR10_CLASSES)):
+        raise DataError(f"{name} has labels outside 0..9; re-download the official archive")
+    return data.reshape(-1, 3, 32, 32), y
 
 
 def _read_cifar10_batches(kind: str, path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -277,12 +317,15 @@ def _read_cifar10_batches(kind: str, path: Path) -> dict[str, tuple[np.ndarray, 
             for b in wanted:
                 if (path / b).is_file():
                     with open(path / b, "rb") as f:
-                        batches[b] = _unpickle_batch(f)
+                        batches[b] = _unpickle_batch(f, str(path / b))
         else:
             with tarfile.open(path, "r:gz") as tar:
                 for m in tar:
                     if m.isfile() and Path(m.name).name in wanted:
-                        batches[Path(m.name).name] = _unpickle_batch(tar.extractfile(m))
+                        batches[Path(m.name).name] = _unpickle_batch(tar.extractfile(m),
+                                                                     f"{path}:{m.name}")
+    except DataError:
+        raise
     except (OSError, EOFError, tarfile.TarError, pickle.UnpicklingError, KeyError,
             ValueError) as e:
         raise DataError(f"cannot read CIFAR-10 from {path}: {e}; re-download the archive") from e

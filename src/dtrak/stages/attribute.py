@@ -46,16 +46,25 @@ class Attribution:
         return [(int(i), float(self.scores[i]), self.train_paths[i]) for i in idx]
 
 
-def _fingerprint(model_dir: Path, paths: list[Path], spec: FeatureSpec) -> str:
+def _fingerprint(model_dir: Path, train: torch.Tensor, spec: FeatureSpec, family: str,
+                 betas: torch.Tensor) -> str:
+    """The training-feature cache key: contents only (model files, images, settings), no paths.
+
+    The model directory's files are hashed by bytes (with their sorted relative names), the
+    training images by the loaded tensor, so files replaced in place change the key and a
+    moved but identical folder keeps it.
+    """
     h = hashlib.blake2b(digest_size=10)
-    for f in sorted(model_dir.glob("*")):
-        if f.is_file():
-            h.update(f.name.encode())
-            h.update(str(f.stat().st_size).encode())
-            h.update(str(f.stat().st_mtime_ns).encode())
-    for p in paths:
-        h.update(str(p.resolve()).encode())
-    h.update(json.dumps(spec.__dict__, sort_keys=True).encode())
+    for f in sorted(f for f in model_dir.rglob("*") if f.is_file()):
+        fh = hashlib.blake2b()
+        with open(f, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                fh.update(chunk)
+        h.update(f.relative_to(model_dir).as_posix().encode() + b"\0" + fh.digest())
+    h.update(str((tuple(train.shape), train.dtype)).encode())
+    h.update(train.detach().cpu().contiguous().numpy().tobytes())
+    h.update(betas.detach().cpu().to(torch.float64).numpy().tobytes())
+    h.update(json.dumps({**spec.__dict__, "family": family}, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -104,7 +113,7 @@ def attribute_images(
     sched = ScheduleConstants.from_scheduler(family.scheduler(model_cfg))
     adapter = family.adapter(model)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = _fingerprint(model_dir, train_paths, spec)
+    key = _fingerprint(model_dir, train, spec, model_cfg.family, sched.betas)
     store = featurize_into(adapter, train, cache / key / "train", spec, sched, "attribute",
                            "train", batch_size=batch_size, progress=progress)
     phi_train = store.load()
