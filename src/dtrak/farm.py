@@ -17,9 +17,15 @@ Every stage gets its executor from :func:`make_executor` (``runtime.executor``,
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .artefacts import open_npy
 from .config import ConfigError, ModelConfig, RuntimeConfig, TrainConfig, section_from_dict, to_dict
 from .runtime import resolve_device, set_threads
 from .train import train_model
@@ -175,7 +182,7 @@ def pending(jobs: Iterable[TrainJob | Job]) -> list:
 def run_job(job: TrainJob | dict, progress: bool = False, device: str = "cpu") -> str:
     """Train one job (resuming if it was interrupted); returns its name."""
     job = TrainJob.from_dict(job) if isinstance(job, dict) else job
-    images = np.load(job.images, mmap_mode="r")
+    images = open_npy(job.images, mode="r")
     data = torch.from_numpy(np.ascontiguousarray(images[np.asarray(job.indices)]))
     train_model(
         data,
@@ -205,7 +212,32 @@ def train_jobs(jobs: Sequence[TrainJob], runtime: RuntimeConfig) -> list[Job]:
 # ----------------------------------------------------------------------------- executors
 
 
-def _worker_init(threads: int) -> None:
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when ``parent`` dies, even by SIGKILL.
+
+    multiprocessing has no option for this: the workers of a killed parent keep training until
+    their job ends, so it is written by hand. On Linux the kernel sends SIGTERM when the parent
+    dies (prctl PR_SET_PDEATHSIG = 1; it fires when the parent *thread* that started the
+    worker exits). A daemon thread that polls the parent pid covers the other systems.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+        except (OSError, AttributeError):  # an initializer that raises makes Pool respawn forever
+            log.debug("prctl(PR_SET_PDEATHSIG) unavailable; polling the parent pid only")
+    if os.getppid() != parent:  # died before the line above
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _worker_init(threads: int, parent: int) -> None:
+    _die_with_parent(parent)
     # Two processes with two OpenMP threads each on two cores run 10-50x slower:
     # every worker gets its own share of the cores.
     torch.set_num_threads(threads)
@@ -248,7 +280,7 @@ class LocalExecutor:
         else:
             ctx = mp.get_context("spawn")
             with ctx.Pool(min(self.workers, len(todo)), initializer=_worker_init,
-                          initargs=(self.threads,)) as pool:
+                          initargs=(self.threads, os.getpid())) as pool:
                 for _ in pool.imap_unordered(_call, [(j.fn, j.payload) for j in todo]):
                     bar.update()
         bar.close()

@@ -17,6 +17,10 @@ Layout of a model directory (see :mod:`dtrak.paths`)::
     MODEL/checkpoints/step-0000500/ unet/ + optimizer.safetensors + state.json
     MODEL/stats.jsonl               one line per logged step: step, loss, lr, seconds
     MODEL/done.json                 written when training finished
+
+A run whose loss (or, at a checkpoint, whose weights) stops being finite raises
+:class:`TrainingDivergedError`: it writes neither that checkpoint, nor the final weights,
+nor ``done.json``, so the checkpoints on disk are the last good ones.
 """
 
 from __future__ import annotations
@@ -43,7 +47,12 @@ from .seeding import seed_from
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "train_model", "total_steps", "latest_checkpoint", "is_trained"]
+__all__ = ["TrainResult", "TrainingDivergedError", "train_model", "total_steps",
+           "latest_checkpoint", "is_trained"]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the weights became NaN/inf; the run is left unfinished."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,19 @@ def _load_optimizer(opt: torch.optim.Optimizer, path: Path, meta: dict) -> None:
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = torch.tensor(val, dtype=torch.float32)
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _diverged(what: str, step: int, directory: Path) -> TrainingDivergedError:
+    ckpt = latest_checkpoint(directory)
+    kept = f"last good checkpoint: {ckpt.name}" if ckpt else "no checkpoint was saved"
+    return TrainingDivergedError(
+        f"training diverged at step {step}: {what} in {directory} ({kept}; not marked done). "
+        "Lower train.lr, check the data for NaN/inf values, and "
+        "train again in a fresh directory.")
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def _save_checkpoint(directory: Path, step: int, family: ModelFamily, model, opt, sched,
@@ -213,13 +235,15 @@ def _loop(session: _Session, data: torch.Tensor, model_cfg: ModelConfig, cfg: Tr
             x0, cond = adapter.prepare(batch)
             with accel.autocast():
                 loss = family.training_loss(adapter, x0, cond, t, eps, abar)
+            loss_val = loss.item()
+            if not math.isfinite(loss_val):
+                raise _diverged(f"loss is {loss_val}", step + 1, directory)
             accel.backward(loss)
             if cfg.grad_clip > 0:
                 accel.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            loss_val = loss.item()
             done = step + 1
             if done % 10 == 0 or done == end:
                 bar.set_postfix(loss=f"{loss_val:.4f}")
@@ -228,6 +252,8 @@ def _loop(session: _Session, data: torch.Tensor, model_cfg: ModelConfig, cfg: Tr
                                         "seconds": round(time.time() - t0, 3)}) + "\n")
             if done % cfg.checkpoint_every == 0 or done == end:
                 stats.flush()
+                if not _finite(model):  # a finite loss can still leave NaN weights
+                    raise _diverged("the weights are not finite", done, directory)
                 _save_checkpoint(directory, done, family, accel.unwrap_model(model), opt, sched,
                                  loss_val)
                 if on_checkpoint is not None:
