@@ -2,9 +2,9 @@
 
 Layers, lowest first; a module may import its own layer and those below, never above:
 
-0. foundation: config, paths, seeding, runtime
+0. foundation: config, paths, seeding, runtime, artefacts
 1. data and models: data, images, figures, clip, sampling, families, train
-2. engine: noise, outputs, gradients, projection, store, featurize, farm
+2. engine: noise, outputs, gradients, projection, store, featurize, farm, ray_executor
 3. math: scoring, lds, lambdas
 4. methods
 5. stages
@@ -22,9 +22,10 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "dtrak"
 
 LAYERS = [
-    {"config", "paths", "seeding", "runtime"},
+    {"config", "paths", "seeding", "runtime", "artefacts"},
     {"data", "images", "figures", "clip", "sampling", "families", "train"},
-    {"noise", "outputs", "gradients", "projection", "store", "featurize", "farm"},
+    {"noise", "outputs", "gradients", "projection", "store", "featurize", "farm",
+     "ray_executor"},
     {"scoring", "lds", "lambdas"},
     {"methods"},
     {"stages"},

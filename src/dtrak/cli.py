@@ -6,6 +6,7 @@ line on stderr and a non-zero exit.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -30,6 +31,18 @@ log = logging.getLogger("dtrak")
 _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError, ConfigError)
 
 
+def _os_error(e: OSError) -> str:
+    """One line for a failure of the file system (a full disk, a denied permission)."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return (f"the disk is full{where}; free some space (or use a run directory on another "
+                "disk) and run the command again: finished work is kept")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"permission denied{where}; the run directory must be writable (read-only "
+                "runs: `dtrak report RUN --to DIR`, `dtrak compare`)")
+    return f"{e.strerror or e}{where}"
+
+
 def _friendly(fn):
     """Run a command; print library errors as one line and exit 2."""
 
@@ -40,6 +53,9 @@ def _friendly(fn):
         except _USER_ERRORS as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             click.echo(f"error: {msg}", err=True)
+            sys.exit(2)
+        except OSError as e:
+            click.echo(f"error: {_os_error(e)}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -267,12 +283,14 @@ def attribute_cmd(images, model_dir, data, output_fn, n_timesteps, proj_dim, pro
 
 @main.command("report")
 @click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--to", "to", type=click.Path(file_okay=False), default=None,
+              help="write the page here instead of RUN/report (the run is only read)")
 @click.option("--quiet", "-q", is_flag=True)
 @_friendly
-def report_cmd(run_dir, quiet):
+def report_cmd(run_dir, to, quiet):
     """Write RUN/report/index.html (self-contained, offline) from saved results."""
     run = pipeline.open_run(run_dir, None, progress=not quiet)
-    click.echo(pipeline.stage_report(run)["report"])
+    click.echo(pipeline.stage_report(run, to)["report"])
 
 
 @main.command("run")

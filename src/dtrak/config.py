@@ -222,7 +222,8 @@ class LDSConfig:
     n_boot: int = _help("bootstrap resamples for the 95% interval", 1000)
 
     def validate(self) -> None:
-        _check(self.n_subsets >= 2, "lds.n_subsets", "must be >= 2")
+        _check(self.n_subsets >= 3, "lds.n_subsets", "must be >= 3 (a rank correlation over "
+               "fewer subsets means nothing; the paper uses 64)")
         _check(0 < self.alpha < 1, "lds.alpha", "must be in (0, 1)")
         _check(len(self.seeds) >= 1, "lds.seeds", "name at least one seed")
         _check(self.eval_timesteps >= 1, "lds.eval_timesteps", "must be >= 1")
@@ -254,9 +255,16 @@ class RuntimeConfig:
         "(training keeps float32 weights; see train.mixed_precision)",
         "float32",
     )
-    executor: str = _help("engine of the farms of independent jobs (dtrak.farm): local", "local")
-    workers: int = _help("parallel jobs of a farm (local: processes, one torch thread each)", 1)
+    executor: str = _help("engine of the farms of independent jobs (dtrak.farm): local, ray",
+                          "local")
+    workers: int = _help("parallel jobs of a farm (local: processes, one torch thread each; "
+                         "ray: the CPUs of the local Ray it starts)", 1)
     threads: int | None = _help("torch intra-op threads (None: torch's default)", None)
+    ray_address: str | None = _help(
+        "executor ray: None starts a local Ray on this machine; auto, HOST:PORT or "
+        "ray://HOST:PORT joins a running cluster", None)
+    num_cpus: float = _help("executor ray: CPUs per job (its torch threads)", 1.0)
+    num_gpus: float = _help("executor ray: GPUs per job (0.5: two jobs share one)", 0.0)
 
     def validate(self) -> None:
         base = self.device.split(":")[0]
@@ -270,6 +278,17 @@ class RuntimeConfig:
         _check(self.workers >= 1, "runtime.workers", "must be >= 1")
         if self.threads is not None:
             _check(self.threads >= 1, "runtime.threads", "must be >= 1 (or omitted)")
+        if self.ray_address is not None:
+            a = self.ray_address
+            _check(a == "auto" or (":" in a and a.rsplit(":", 1)[1].isdigit()),
+                   "runtime.ray_address", "must be auto, HOST:PORT or ray://HOST:PORT (or "
+                   f"omitted: a local Ray), got {a!r}")
+        _check(self.num_cpus >= 1e-4, "runtime.num_cpus",
+               f"must be > 0 (CPUs per job; 0.5: two jobs share one), got {self.num_cpus}")
+        _check(self.num_gpus == 0 or self.num_gpus >= 1e-4, "runtime.num_gpus",
+               f"must be 0 or > 0 (GPUs per job), got {self.num_gpus}")
+        _check(self.num_gpus <= 1 or float(self.num_gpus).is_integer(), "runtime.num_gpus",
+               f"must be a share of one GPU (<= 1) or a whole number, got {self.num_gpus}")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from .report import write_report
 from .stages.basic import generate_into, stage_data, stage_generate, stage_train
@@ -45,15 +46,15 @@ __all__ = [
 ]
 
 
-def stage_report(run: Run) -> dict:
-    """Write RUN/report/index.html from the saved artefacts."""
+def stage_report(run: Run, out_dir: str | Path | None = None) -> dict:
+    """Write RUN/report/index.html (or ``out_dir``/index.html) from the saved artefacts."""
     ds = run.dataset
     n = run.cfg.attribution.n_targets
     methods = [m for m in run.cfg.attribution.methods if run.paths.scores(m, "gen").exists()
                or run.paths.scores(m, "val").exists()]
     path = write_report(run.paths.root, train_images=ds.train.images.numpy(),
                         val_images=ds.val.images[:n].numpy(),
-                        methods=methods or ("trak", "dtrak"))
+                        methods=methods or ("trak", "dtrak"), out_dir=out_dir)
     return {"report": str(path)}
 
 

@@ -29,6 +29,7 @@ import datetime as dt
 import html
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -695,6 +696,7 @@ def write_report(
     val_images: np.ndarray | None = None,
     n_gallery: int = 4,
     methods: Sequence[str] = ("trak", "dtrak"),
+    out_dir: str | Path | None = None,
 ) -> Path:
     """Write ``RUN/report/index.html`` (and its PNG figures) from the run's saved artefacts.
 
@@ -707,6 +709,8 @@ def write_report(
         n_gallery: galleries per target set (the first n generated, then the first n
             validation targets).
         methods: the methods shown side by side in the galleries (and first in the tables).
+        out_dir: where the page and its figures go (default ``RUN/report``; another folder
+            leaves the run untouched, e.g. a read-only one).
 
     Returns:
         The path of index.html.
@@ -715,8 +719,12 @@ def write_report(
     if not run.root.is_dir():
         raise FileNotFoundError(f"run directory {run.root} does not exist; pass a run folder "
                                 "made by `dtrak run`")
-    _prepare_out(run.report)
-    rep = _Report(run, run.report, _read_json(run.config) or {})
+    out = Path(out_dir) if out_dir is not None else run.report
+    if out_dir is None and not os.access(run.root, os.W_OK):
+        raise PermissionError(f"cannot write the report into the read-only run {run.root}; "
+                              "write it elsewhere: dtrak report RUN --to DIR")
+    _prepare_out(out)
+    rep = _Report(run, out, _read_json(run.config) or {})
     sections = [
         _summary_section(rep),
         _samples_section(rep),
@@ -725,7 +733,7 @@ def write_report(
         _cf_section(rep),
         _config_section(rep),
     ]
-    path = run.report / "index.html"
+    path = out / "index.html"
     tmp = path.with_suffix(".html.tmp")
     tmp.write_text(_page(rep, sections), encoding="utf-8")
     tmp.replace(path)

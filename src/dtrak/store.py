@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .artefacts import create_npy, open_npy
+
 log = logging.getLogger(__name__)
 
 __all__ = ["FeatureStore", "StoreMismatchError", "parse_shard"]
@@ -61,8 +63,9 @@ class FeatureStore:
         if not (self.directory / "meta.json").exists():
             self._create()
         self._check()
-        self.features = np.load(self.directory / "features.npy", mmap_mode="r+")
-        self.done = np.load(self.directory / "done.npy", mmap_mode="r+")
+        # checked against the metadata: a short file is refused, never grown back with zeros
+        self.features = open_npy(self.directory / "features.npy", (self.n, self.k), np.float32)
+        self.done = open_npy(self.directory / "done.npy", (self.n,), np.uint8)
 
     @classmethod
     def open(cls, directory: str | Path) -> FeatureStore:
@@ -81,10 +84,8 @@ class FeatureStore:
         tmp = self.directory.with_name(f".{self.directory.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32,
-                                  shape=(self.n, self.k)).flush()
-        np.lib.format.open_memmap(tmp / "done.npy", mode="w+", dtype=np.uint8,
-                                  shape=(self.n,)).flush()
+        create_npy(tmp / "features.npy", (self.n, self.k), np.float32)
+        create_npy(tmp / "done.npy", (self.n,), np.uint8)
         (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, sort_keys=True))
         try:
             tmp.rename(self.directory)

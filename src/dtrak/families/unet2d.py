@@ -18,6 +18,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch.func import functional_call
 
+from ..artefacts import DamagedArtefactError
 from ..config import ConfigError, ModelConfig, SamplingConfig
 from ..sampling import SampleBatch, sample_loop
 from .base import Cond, ModelFamily
@@ -130,7 +131,12 @@ def load_unet(directory: str | Path) -> UNet2DModel:
             f"no diffusers model at {path}: expected config.json and "
             "diffusion_pytorch_model.safetensors (train one with `dtrak train`)"
         )
-    model = UNet2DModel.from_pretrained(str(path), local_files_only=True)
+    try:
+        model = UNet2DModel.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DamagedArtefactError(
+            f"{path}: cannot load the model ({str(e).strip()}); its weights are damaged or "
+            "truncated: delete the folder and train it again") from e
     model.eval()
     return model
 

@@ -28,6 +28,7 @@ import numpy as np
 from sklearn.linear_model import RidgeCV
 
 from .. import scoring
+from ..artefacts import load_npy
 from .base import Context, Method, PoolNeed
 
 log = logging.getLogger(__name__)
@@ -50,17 +51,17 @@ def pool_table(ctx: Context, set_name: str, name: str) -> tuple[np.ndarray, np.n
     masks_path, truth_path = ctx.paths.pool / "masks.npy", ctx.paths.pool_truth(set_name)
     done_path = truth_path.with_name(f"{set_name}.done.npy")
     if not (masks_path.exists() and truth_path.exists() and done_path.exists()
-            and np.load(done_path).all()):
+            and load_npy(done_path).all()):
         raise FileNotFoundError(
             f"method {name} needs the pool models' losses on {set_name} ({truth_path}); the "
             f"score stage trains the pool first: `dtrak score --out {ctx.paths.root} "
             f"--method {name}`")
-    truth = np.load(truth_path)
+    truth = load_npy(truth_path)
     n_targets = ctx.examples(set_name).shape[0]
     if truth.shape[-1] != n_targets:
         raise ValueError(f"{truth_path} has losses on {truth.shape[-1]} targets, the run has "
                          f"{n_targets}; rerun the score stage (it recomputes the table)")
-    return np.load(masks_path), truth.mean(axis=0)
+    return load_npy(masks_path), truth.mean(axis=0)
 
 
 def datamodel_alpha(masks: np.ndarray, outputs: np.ndarray) -> float:

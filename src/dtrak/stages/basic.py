@@ -9,12 +9,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..artefacts import create_npy, open_npy
 from ..config import Config
 from ..data import save_split_indices
 from ..families import ModelFamily
 from ..images import save_grid, save_pngs
 from ..train import train_model
-from .run import Run, RunConfigError
+from .run import Run
 
 __all__ = ["generate_into", "stage_data", "stage_generate", "stage_train", "train_images_file"]
 
@@ -94,12 +95,8 @@ def generate_into(family: ModelFamily, model, run_cfg: Config, directory: Path, 
 
 def _memmap(path: Path, shape: tuple, dtype) -> np.memmap:
     if path.exists():
-        arr = np.load(path, mmap_mode="r+")
-        if arr.shape != tuple(shape):
-            raise RunConfigError(f"{path} has shape {arr.shape}, expected {shape}; "
-                                 "remove it or use --overwrite")
-        return arr
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+        return open_npy(path, shape, dtype)  # a short or reshaped file is refused
+    return create_npy(path, shape, dtype)
 
 
 def stage_generate(run: Run) -> dict:

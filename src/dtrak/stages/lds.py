@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from .. import lds as lds_math
+from ..artefacts import load_npy
 from ..config import to_dict
 from ..lambdas import select_lambda
 from ..methods import get_method, method_lambda_grid
@@ -92,7 +93,7 @@ def stage_lds(run: Run) -> dict:
     t0 = time.time()
     pool = lds_pool(run)
     jobs = train_pool(run, pool, desc="LDS models")
-    masks = np.load(pool.root / "masks.npy")
+    masks = load_npy(pool.root / "masks.npy")
     records, curves, ceilings, predictions = [], [], [], {}
     for set_name in run.target_sets():
         truth = pool_losses(run, pool, jobs, set_name, run.context.examples(set_name))
@@ -146,6 +147,6 @@ def compare(run: Run, method_a: str, method_b: str, set_name: str, selection: st
     ka, kb = key(method_a), key(method_b)
     weights = next((preds[k + "/weights"] for k in (ka, kb) if k + "/weights" in preds.files),
                    None)
-    truth = np.load(run.paths.truth(set_name))
+    truth = load_npy(run.paths.truth(set_name))
     res = lds_math.difference(preds[ka], preds[kb], truth, weights, n_boot=run.cfg.lds.n_boot)
     return {"a": method_a, "b": method_b, "targets": set_name, "selection": selection, **res}

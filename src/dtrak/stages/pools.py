@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import lds as lds_math
+from ..artefacts import load_npy, save_npy
 from ..config import to_dict
 from ..families import DiffusionAdapter
 from ..farm import TrainJob, save_jobs, train_jobs
@@ -81,11 +82,11 @@ def pool_masks(run: Run, pool: Pool) -> np.ndarray:
     masks = lds_math.subset_masks(run.dataset.train.labels, c.n_subsets, c.alpha, pool.seed_base)
     path = pool.root / "masks.npy"
     if path.exists():
-        if not np.array_equal(np.load(path), masks):
+        if not np.array_equal(load_npy(path), masks):
             raise ValueError(f"{path} differs from the masks of this config; use --overwrite")
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, masks)
+        save_npy(path, masks)
     return masks
 
 
@@ -156,7 +157,7 @@ def pool_losses(run: Run, pool: Pool, jobs: Sequence[TrainJob], set_name: str,
     same = (path.exists() and done_path.exists() and meta_path.exists()
             and json.loads(meta_path.read_text()) == meta)
     if same:
-        truth, done = np.load(path), np.load(done_path)
+        truth, done = load_npy(path, meta["shape"]), load_npy(done_path, (S, M))
     else:
         truth, done = np.zeros(meta["shape"]), np.zeros((S, M), dtype=bool)
         meta_path.write_text(json.dumps(meta))
@@ -167,8 +168,8 @@ def pool_losses(run: Run, pool: Pool, jobs: Sequence[TrainJob], set_name: str,
         model = run.load_model(Path(jobs[m * S + si].directory) / "unet")
         truth[si, m] = model_losses(run.family.adapter(model), targets, sched, ts, c.noise_seeds)
         done[si, m] = True
-        np.save(path, truth)
-        np.save(done_path, done)
+        save_npy(path, truth)
+        save_npy(done_path, done)
     return truth
 
 

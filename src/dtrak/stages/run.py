@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..artefacts import load_npy, open_npy
 from ..config import Config, diff_configs, load_config, save_config, to_dict
 from ..data import Dataset, load_dataset
 from ..families import ModelFamily, get_family
@@ -25,6 +26,7 @@ from ..farm import Executor, make_executor
 from ..methods import Context
 from ..paths import RunPaths
 from ..runtime import Placement, placement, set_threads
+from .check import check_config
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ RESULT_NEUTRAL_KEYS = frozenset({
     "name", "stages", "attribution.methods", "attribution.targets",
     "attribution.batch_size", "attribution.clip_path", "sampling.batch_size",
     "counterfactual.methods", "runtime.device", "runtime.executor", "runtime.workers",
-    "runtime.threads",
+    "runtime.threads", "runtime.ray_address", "runtime.num_cpus", "runtime.num_gpus",
 })
 
 
@@ -117,11 +119,11 @@ class Run:
         sets = {"val": ds.val.images[:n]}
         trajectories, sampler_ts = {}, None
         gen = self.paths.gen
-        if (gen / "images.npy").exists():
-            sets["gen"] = torch.from_numpy(np.load(gen / "images.npy")[:n])
+        if _generated(gen):
+            sets["gen"] = torch.from_numpy(load_npy(gen / "images.npy")[:n])
             if (gen / "trajectory.npy").exists():
                 trajectories["gen"] = torch.from_numpy(
-                    np.load(gen / "trajectory.npy", mmap_mode="r")[:n].astype(np.float32))
+                    open_npy(gen / "trajectory.npy", mode="r")[:n].astype(np.float32))
             if (gen / "meta.json").exists():
                 sampler_ts = json.loads((gen / "meta.json").read_text()).get("timesteps")
         return Context(self.cfg, self.family, ds.train.images, sets, self.paths.model / "unet",
@@ -135,9 +137,16 @@ class Run:
         if missing:
             raise FileNotFoundError(
                 f"target set(s) {', '.join(missing)} not available in {self.paths.root}: "
-                "run `dtrak generate` first for gen"
+                "run `dtrak generate` (to the end) first for gen"
             )
         return list(self.cfg.attribution.targets)
+
+
+def _generated(gen: Path) -> bool:
+    """Whether ``gen`` holds a finished set of generated images (an interrupted generation
+    is not a target set: its unwritten rows are zeros)."""
+    done = gen / "done.npy"
+    return (gen / "images.npy").exists() and (not done.exists() or bool(load_npy(done).all()))
 
 
 def open_run(out: str | Path, cfg: Config | None = None, overwrite: bool = False,
@@ -157,20 +166,30 @@ def open_run(out: str | Path, cfg: Config | None = None, overwrite: bool = False
                 "e.g. `dtrak run configs/tiny.toml --out RUN`"
             )
         cfg = load_config(paths.config)
+    check_config(cfg)
     if paths.config.exists():
         saved = to_dict(load_config(paths.config))
         diff = [k for k in diff_configs(saved, cfg) if k not in RESULT_NEUTRAL_KEYS]
-        if diff:
+        if diff and _holds_results(paths):
             if not overwrite:
                 raise RunConfigError(
                     f"{paths.root} was made with a different config (keys: {', '.join(diff)}); "
                     "use another --out directory, or --overwrite to recompute what they affect"
                 )
             _remove_stale(paths, diff)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, paths.config)
+    if not paths.config.exists() or to_dict(load_config(paths.config)) != to_dict(cfg):
+        # written only when it changes: read-only commands work on a read-only run
+        paths.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, paths.config)
     set_threads(cfg.runtime.threads)
     return Run(paths, cfg, progress)
+
+
+def _holds_results(paths: RunPaths) -> bool:
+    """Whether the run has anything but its config (a first command that failed before any
+    stage wrote a file leaves only the config, which a corrected retry may replace)."""
+    keep = {paths.config.resolve(), (paths.root / "stages.json").resolve()}
+    return any(p.is_file() and p.resolve() not in keep for p in paths.root.rglob("*"))
 
 
 def _remove_stale(paths: RunPaths, diff: list[str]) -> None:
