@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from diffusers import DDPMScheduler
 
 from dtrak.cli import main
 from dtrak.config import preset, to_dict
@@ -22,22 +23,25 @@ from dtrak.train import train_model
 def test_attribute_cli_caches_training_features(tmp_path):
     model = build_unet(preset("tiny").model, 1, 8, seed=0)
     save_unet(model, tmp_path / "unet")
+    DDPMScheduler().save_pretrained(tmp_path / "sched")  # the model's noise schedule
     g = torch.Generator().manual_seed(0)
     save_pngs(torch.rand(12, 1, 8, 8, generator=g) * 2 - 1, tmp_path / "train")
     save_pngs(torch.rand(2, 1, 8, 8, generator=g) * 2 - 1, tmp_path / "targets")
-    args = ["attribute", "--model", str(tmp_path / "unet"), "--data", str(tmp_path / "train"),
+    args = ["attribute", "--model", str(tmp_path / "unet"), "--scheduler", str(tmp_path / "sched"),
+            "--data", str(tmp_path / "train"),
             str(tmp_path / "targets"), "--timesteps", "2", "--proj-dim", "32", "--top", "3",
             "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "-q"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert res.output.count("top proponents") == 2 and "000000.png" in res.output
+    assert "linear betas, T = 1000, epsilon prediction" in res.output
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
     stores = list((tmp_path / "cache").glob("*/train/features.npy"))
     assert len(stores) == 1
     before = stores[0].stat().st_mtime_ns
     res2 = CliRunner().invoke(main, args)
     assert res2.exit_code == 0 and stores[0].stat().st_mtime_ns == before  # reused
-    assert res.output.splitlines()[:6] == res2.output.splitlines()[:6]
+    assert res.output.splitlines()[:8] == res2.output.splitlines()[:8]
     bad = CliRunner().invoke(main, ["attribute", "--model", str(tmp_path / "train"), "--data",
                                     str(tmp_path / "train"), str(tmp_path / "targets")])
     assert bad.exit_code == 2 and "no diffusers model" in bad.output
@@ -45,6 +49,7 @@ def test_attribute_cli_caches_training_features(tmp_path):
 
 def test_attribute_cache_follows_content_not_paths(tmp_path):
     save_unet(build_unet(preset("tiny").model, 1, 8, seed=0), tmp_path / "unet")
+    DDPMScheduler().save_pretrained(tmp_path / "sched")
     g = torch.Generator().manual_seed(0)
     train = tmp_path / "train"
     save_pngs(torch.rand(6, 1, 8, 8, generator=g) * 2 - 1, train)
@@ -53,7 +58,8 @@ def test_attribute_cache_follows_content_not_paths(tmp_path):
 
     def scores(data, cache):
         return attribute_images(tmp_path / "unet", data, [tmp_path / "targets"], spec,
-                                cache_dir=cache, progress=False, device="cpu")[0].scores
+                                cache_dir=cache, progress=False, device="cpu",
+                                scheduler=tmp_path / "sched")[0].scores
 
     cache = tmp_path / "cache"
     before = scores(train, cache)

@@ -19,10 +19,9 @@ import torch
 from . import pipeline
 from .config import PRESETS, ConfigError, load_config
 from .data import load_dataset, load_image_folder, resize_images
-from .featurize import FeatureSpec
 from .figures import attribution_gallery
 from .outputs import get_output
-from .stages.attribute import attribute_images
+from .stages.attribute import attribute_images, attribution_spec
 from .stages.lds import compare
 from .store import parse_shard
 
@@ -237,15 +236,26 @@ def counterfactual_cmd(config, out, overrides, overwrite, quiet, methods, worker
 
 @main.command("attribute")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True),
-              help="a diffusers UNet2DModel directory (e.g. RUN/model/unet)")
-@click.option("--data", required=True, type=click.Path(exists=True),
-              help="folder of the model's training images")
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True),
+              help="a diffusers pipeline folder (model_index.json, unet/, scheduler/) or a "
+                   "model folder (config.json + safetensors) with --scheduler")
+@click.option("--scheduler", default=None, type=click.Path(exists=True, file_okay=False),
+              help="the model's noise schedule: a diffusers scheduler folder "
+                   "(scheduler_config.json)")
+@click.option("--run", "run_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="a dtrak run: its model, schedule, training images, LDS lambda")
+@click.option("--data", default=None, type=click.Path(exists=True),
+              help="folder of the model's training images (class folders for a "
+                   "class-conditional model; default with --run: the run's)")
+@click.option("--target-class", default=None,
+              help="class of the targets (class-conditional models; default: their folder)")
 @click.option("--output", "output_fn", default="square", show_default=True,
               help="output function: square (D-TRAK), loss (TRAK), avg, l1, l2, ...")
-@click.option("--timesteps", "n_timesteps", default=10, show_default=True, help="K")
-@click.option("--proj-dim", default=2048, show_default=True, help="projection dimension k")
-@click.option("--projector", default="gaussian", show_default=True)
+@click.option("--timesteps", "n_timesteps", type=int, default=None,
+              help="K (default 10, or the run's)")
+@click.option("--proj-dim", type=int, default=None,
+              help="projection dimension k (default 2048, or the run's)")
+@click.option("--projector", default=None, help="default gaussian, or the run's")
 @click.option("--top", "k", default=8, show_default=True, help="proponents/opponents shown")
 @click.option("--out", "out_dir", default="attribution", show_default=True,
               type=click.Path(file_okay=False), help="where the gallery PNGs go")
@@ -255,18 +265,23 @@ def counterfactual_cmd(config, out, overrides, overwrite, quiet, methods, worker
               help="auto (CUDA when present), cpu, cuda or cuda:N")
 @click.option("--quiet", "-q", is_flag=True)
 @_friendly
-def attribute_cmd(images, model_dir, data, output_fn, n_timesteps, proj_dim, projector, k,
-                  out_dir, cache_dir, device, quiet):
+def attribute_cmd(images, model_dir, scheduler, run_dir, data, target_class, output_fn,
+                  n_timesteps, proj_dim, projector, k, out_dir, cache_dir, device, quiet):
     """Which training images made IMAGE? Top proponents and opponents, printed and as PNG."""
     get_output(output_fn)
-    spec = FeatureSpec(output=output_fn, n_timesteps=n_timesteps, proj_dim=proj_dim,
-                       projector=projector)
+    spec = attribution_spec(output_fn, n_timesteps, proj_dim, projector, run=run_dir)
     results = attribute_images(model_dir, data, list(images), spec, cache_dir=cache_dir,
-                               progress=not quiet, device=device)
+                               progress=not quiet, device=device, scheduler=scheduler,
+                               run=run_dir, target_class=target_class)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    first = results[0]
+    click.echo(f"model: {first.source}")
+    click.echo(f"features: {spec.name}, {len(first.train_paths)} training images; "
+               f"lambda = {first.lam_rel:.3g} x trace/N ({first.lam_from})")
     for i, res in enumerate(results):
-        click.echo(f"\n{res.target}")
+        label = f" (class {res.target_class})" if res.target_class is not None else ""
+        click.echo(f"\n{res.target}{label}")
         for label, rows in (("proponents", res.top(k)), ("opponents", res.top(k, True))):
             click.echo(f"  top {label}:")
             for idx, score, path in rows:

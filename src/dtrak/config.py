@@ -94,6 +94,10 @@ class DataConfig:
                 _check(v >= 2, f"data.{key}", "must be at least 2 (or omitted for all)")
 
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     family: str = _help(
@@ -112,6 +116,14 @@ class ModelConfig:
     num_train_timesteps: int = _help("diffusion steps T (paper: 1000)", 1000)
     beta_start: float = _help("first beta of the linear schedule", 1e-4)
     beta_end: float = _help("last beta of the linear schedule", 0.02)
+    beta_schedule: str = _help(
+        "noise schedule: linear (paper), scaled_linear, squaredcos_cap_v2 (cosine; "
+        "beta_start/beta_end unused)", "linear"
+    )
+    prediction_type: str = _help(
+        "what the model predicts: epsilon (the only one dtrak trains), v_prediction or "
+        "sample (attributed through their epsilon prediction)", "epsilon"
+    )
 
     def validate(self) -> None:
         _check(bool(self.family), "model.family", "must name a model family, e.g. unet2d")
@@ -119,6 +131,10 @@ class ModelConfig:
         _check(self.num_train_timesteps >= 2, "model.num_train_timesteps", "must be >= 2")
         _check(0 < self.beta_start < self.beta_end < 1, "model.beta_start/beta_end",
                "need 0 < beta_start < beta_end < 1")
+        _check(self.beta_schedule in BETA_SCHEDULES, "model.beta_schedule",
+               f"must be one of {', '.join(BETA_SCHEDULES)}, got {self.beta_schedule!r}")
+        _check(self.prediction_type in PREDICTION_TYPES, "model.prediction_type",
+               f"must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}")
 
 
 @dataclass(frozen=True)

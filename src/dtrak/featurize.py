@@ -9,6 +9,7 @@ killed run resumes, and ``shard=(i, N)`` lets N workers fill one store at once.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .artefacts import load_npy
 from .families.base import DiffusionAdapter
 from .gradients import (
     check_finite,
@@ -32,7 +34,8 @@ from .store import FeatureStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureSpec", "featurize_into", "featurize_many", "model_seed", "projector_for"]
+__all__ = ["FeatureSpec", "featurize_into", "featurize_many", "finished_features", "model_seed",
+           "projector_for"]
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,11 @@ def featurize_into(
         adapter: the model (``family.adapter(model)``, e.g. ``UNet2DAdapter(unet)``); used in
             eval mode where it is (its device and dtype).
         examples: raw examples indexed by id (``examples[LongTensor]`` gives the batch that
-            ``adapter.prepare`` turns into ``(x0, cond)``), e.g. images ``[N, C, H, W]``, or
-            ``[N, K, C, H, W]`` (one clean image per timestep, Journey TRAK).
+            ``adapter.prepare`` turns into ``(x0, cond)``), e.g. images ``[N, C, H, W]``,
+            ``[N, K, C, H, W]`` (one clean image per timestep, Journey TRAK), or
+            :class:`~dtrak.families.unet2d.LabelledImages` (a class-conditional UNet).
+        sched: the model's own noise schedule (``ScheduleConstants.from_scheduler``): its
+            timesteps, noise levels and the output functions' weights.
         spec: output function, timesteps, projector, seeds.
         model_id: names the model; seeds its projection and is stored in the metadata.
         set_name: names the example set (train, val, gen, ...); salts the noise so two
@@ -128,6 +134,35 @@ def _store_meta(spec: FeatureSpec, model_id: str, set_name: str, p: int, ts: tor
     """What a store records about its features (and refuses to mix)."""
     return {"spec": asdict(spec), "feature": spec.name, "model_id": model_id, "set": set_name,
             "p": p, "timesteps": [int(t) for t in ts], "projector": projector.describe()}
+
+
+def finished_features(
+    adapter: DiffusionAdapter,
+    n: int,
+    directory: str | Path,
+    spec: FeatureSpec,
+    sched: ScheduleConstants,
+    model_id: str,
+    set_name: str,
+) -> np.ndarray | None:
+    """The ``[n, k]`` features of a complete store at ``directory`` made with exactly these
+    settings (what :func:`featurize_into` would write there), read without writing; None when
+    there is no such store (missing, unfinished or made otherwise)."""
+    directory = Path(directory)
+    if not ((directory / "meta.json").is_file() and (directory / "done.npy").is_file()):
+        return None
+    ts = spec.timesteps(len(sched.alphas_cumprod))
+    names = selected_parameters(adapter)
+    p = sum(k for _, k in param_order(adapter.module, names))
+    projector = projector_for(spec, p, model_id)
+    meta = {**_store_meta(spec, model_id, set_name, p, ts, projector), "n": int(n),
+            "k": int(projector.k)}
+    if json.loads((directory / "meta.json").read_text()) != json.loads(
+            json.dumps(meta, sort_keys=True)):
+        return None
+    if not load_npy(directory / "done.npy", (int(n),), np.uint8).all():
+        return None
+    return load_npy(directory / "features.npy", (int(n), int(projector.k)), np.float32)
 
 
 def featurize_many(

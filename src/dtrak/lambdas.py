@@ -114,14 +114,20 @@ def prior_lambda_rel(output: str) -> float:
     return _LAMBDA_PRIOR.get(output, _LAMBDA_PRIOR_DEFAULT)
 
 
-def chosen_lambdas(lds_json: str | Path) -> dict[tuple[str, str], float]:
-    """``(method, target set) -> lambda`` chosen on held-out targets by a saved LDS (or {})."""
+def chosen_lambdas(lds_json: str | Path, relative: bool = False
+                   ) -> dict[tuple[str, str], float]:
+    """``(method, target set) -> lambda`` chosen on held-out targets by a saved LDS (or {}).
+
+    ``relative``: the lambdas relative to their kernel's trace(Phi^T Phi)/N (``lambda_rel``),
+    which carry over to features of the same settings recomputed elsewhere.
+    """
     path = Path(lds_json)
     if not path.exists():
         return {}
     recs = json.loads(path.read_text())["records"]
-    return {(r["method"], r["targets"]): r["lambda"] for r in recs
-            if r.get("lambda_selection") == "heldout" and r.get("lambda") is not None}
+    key = "lambda_rel" if relative else "lambda"
+    return {(r["method"], r["targets"]): r[key] for r in recs
+            if r.get("lambda_selection") == "heldout" and r.get(key) is not None}
 
 
 # ----------------------------------------------------------------------------- selection

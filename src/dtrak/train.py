@@ -41,14 +41,14 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import ModelConfig, TrainConfig
+from .config import ConfigError, ModelConfig, TrainConfig
 from .families import ModelFamily, get_family
 from .seeding import seed_from
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "TrainingDivergedError", "train_model", "total_steps",
-           "latest_checkpoint", "is_trained"]
+__all__ = ["TrainResult", "TrainingDivergedError", "check_trainable", "train_model",
+           "total_steps", "latest_checkpoint", "is_trained"]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -280,6 +280,15 @@ def _finished(directory: Path) -> TrainResult:
                        info["steps_per_second"])
 
 
+def check_trainable(model_cfg: ModelConfig) -> None:
+    """Refuse what dtrak cannot train: it trains epsilon-prediction models only."""
+    if model_cfg.prediction_type != "epsilon":
+        raise ConfigError(
+            f"model.prediction_type = {model_cfg.prediction_type!r}: dtrak trains "
+            "epsilon-prediction models only (L_Simple); set model.prediction_type = "
+            "\"epsilon\", or attribute your trained model with `dtrak attribute`")
+
+
 def train_model(
     images: torch.Tensor,
     model_cfg: ModelConfig,
@@ -304,6 +313,7 @@ def train_model(
     checkpoint in ``directory``; ``stop_at`` ends early after that step (the run then resumes
     later). Returns when ``done.json`` exists.
     """
+    check_trainable(model_cfg)
     directory = Path(directory)
     seed = train_cfg.seed if seed is None else seed
     init_seed = seed if init_seed is None else init_seed

@@ -19,18 +19,21 @@ from .base import (
     ModelFamily,
     count_parameters,
     get_family,
+    load_scheduler,
     register_family,
 )
-from .unet2d import UNet2DAdapter, UNet2DFamily
+from .unet2d import LabelledImages, UNet2DAdapter, UNet2DFamily
 
 __all__ = [
     "FAMILIES",
     "Cond",
     "DiffusionAdapter",
+    "LabelledImages",
     "ModelFamily",
     "UNet2DAdapter",
     "count_parameters",
     "get_family",
+    "load_scheduler",
     "register_family",
 ]
 

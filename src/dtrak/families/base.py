@@ -8,7 +8,8 @@ through a family; adding a family is one module and one :func:`register_family` 
 :mod:`dtrak.families`.
 
 The engine talks to a model through a :class:`DiffusionAdapter`, the family's model bound to
-one module (``family.adapter(model)``).
+one module (``family.adapter(model, prediction_type, sched)``); whatever the model predicts,
+the adapter's ``eps`` is its noise (epsilon) prediction.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from diffusers import DDPMScheduler
 
 from ..config import ConfigError, ModelConfig, SamplingConfig
 from ..sampling import SampleBatch
@@ -30,6 +32,7 @@ __all__ = [
     "ModelFamily",
     "count_parameters",
     "get_family",
+    "load_scheduler",
     "register_family",
 ]
 
@@ -58,7 +61,9 @@ class DiffusionAdapter(Protocol):
         """Functional noise prediction ``[n, C, H, W]`` from ``x_t [n, C, H, W]``, ``t [n]``.
 
         Must run ``module`` through ``torch.func.functional_call`` with
-        ``params_and_buffers``; ``cond`` tensors have leading dim ``n``.
+        ``params_and_buffers``; ``cond`` tensors have leading dim ``n``. A model that
+        predicts something else (v, x0) is converted here to its epsilon prediction, so the
+        output functions always see the epsilon parameterisation.
         """
         ...
 
@@ -97,8 +102,30 @@ class ModelFamily(ABC):
         """The training (``ddpm``) or sampling (``ddim``) diffusers scheduler."""
 
     @abstractmethod
-    def adapter(self, model: torch.nn.Module) -> DiffusionAdapter:
-        """The model bound for the engine: prepare, predict, functional eps."""
+    def adapter(self, model: torch.nn.Module, prediction_type: str = "epsilon",
+                sched: Any = None) -> DiffusionAdapter:
+        """The model bound for the engine: prepare, predict, functional eps.
+
+        ``prediction_type`` (epsilon, v_prediction, sample) is what the model outputs and
+        ``sched`` (anything with ``alphas_cumprod [T]``) the schedule that converts it to
+        the epsilon prediction.
+        """
+
+    def bind(self, model: torch.nn.Module, prediction_type: str = "epsilon",
+             sched: Any = None) -> DiffusionAdapter:
+        """``adapter(model, prediction_type, sched)``; an epsilon model is bound as
+        ``adapter(model)``, so families written before prediction types keep working."""
+        if prediction_type == "epsilon":
+            return self.adapter(model)
+        return self.adapter(model, prediction_type, sched)
+
+    def load_scheduler(self, directory: str | Path, subfolder: str | None = None):
+        """The noise schedule a model was trained with, from a diffusers scheduler folder."""
+        return load_scheduler(directory, subfolder)
+
+    def conditioning(self, model: torch.nn.Module) -> str | None:
+        """The conditioning the model needs: ``"class_labels"``, or None (unconditional)."""
+        return None
 
     @abstractmethod
     def sample(self, model: torch.nn.Module, cfg: ModelConfig, sampling: SamplingConfig,
@@ -144,6 +171,24 @@ def get_family(name: str) -> ModelFamily:
     if name not in FAMILIES:
         raise ConfigError(f"model.family: unknown {name!r}; known: {', '.join(FAMILIES)}")
     return FAMILIES[name]
+
+
+def load_scheduler(directory: str | Path, subfolder: str | None = None) -> DDPMScheduler:
+    """A ``DDPMScheduler`` from a local diffusers scheduler folder (``scheduler_config.json``;
+    ``subfolder="scheduler"`` in a pipeline folder): its beta schedule, number of timesteps
+    and prediction type. Any diffusers scheduler's config is read (DDIM, PNDM, ...): only the
+    training noise schedule matters for attribution."""
+    folder = Path(directory) / (subfolder or "")
+    if not (folder / "scheduler_config.json").is_file():
+        raise FileNotFoundError(
+            f"no diffusers scheduler at {folder}: expected scheduler_config.json (as "
+            "scheduler.save_pretrained(DIR) writes it, or a pipeline folder's scheduler/)")
+    try:
+        return DDPMScheduler.from_pretrained(str(directory), subfolder=subfolder,
+                                             local_files_only=True)
+    except (NotImplementedError, ValueError, OSError, TypeError) as e:
+        raise ValueError(f"{folder}: cannot build the noise schedule from "
+                         f"scheduler_config.json ({str(e).strip()})") from e
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int:

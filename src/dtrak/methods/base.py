@@ -109,7 +109,8 @@ class Context:
         return self._load(self.full_model_dir)
 
     def _load(self, directory: Path) -> DiffusionAdapter:
-        return self.family.adapter(self.placement.put(self.family.load(directory)))
+        return self.family.bind(self.placement.put(self.family.load(directory)),
+                                self.cfg.model.prediction_type, self.sched)
 
     def model_dir(self, model_id: str) -> Path:
         """The model directory a model id names."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..config import Config, ConfigError
 from ..methods import get_method
 from ..outputs import get_output
+from ..train import check_trainable
 
 __all__ = ["check_config", "removal_count"]
 
@@ -35,8 +36,16 @@ def removal_count(remove: float, n_train: int) -> int:
     return k
 
 
+_TRAINING_STAGES = ("train", "lds", "counterfactual")
+
+
 def _problems(cfg: Config) -> list[str]:
     out = []
+    if any(s in cfg.stages for s in _TRAINING_STAGES):
+        try:
+            check_trainable(cfg.model)
+        except ConfigError as e:
+            out.append(str(e))
     for name in cfg.attribution.outputs:
         try:
             get_output(name)
