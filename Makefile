@@ -13,7 +13,7 @@ STAMP   = $(VENV)/.dtrak-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[test,clip,lora]"
+	$(BIN)/pip install -q -e ".[test,clip,lora,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -145,6 +145,7 @@ def test_executors_run_plain_jobs_once(tmp_path):
     (tmp_path / "1.txt").write_text("done before")
     LocalExecutor(2, progress=False).run(jobs)
     assert [(tmp_path / f"{i}.txt").read_text() for i in range(3)] == ["0", "done before", "2"]
+    LocalExecutor(2, progress=False).run(jobs)  # all done: nothing to start, nothing rerun
     executor = make_executor(RuntimeConfig(workers=1), progress=False)
     assert isinstance(executor, LocalExecutor) and executor.workers == 1
     with pytest.raises(ConfigError, match="runtime.executor"):

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .artefacts import open_npy
 from .config import ConfigError, ModelConfig, RuntimeConfig, TrainConfig, section_from_dict, to_dict
+from .ray_executor import RayExecutor
 from .runtime import resolve_device, set_threads
 from .train import train_model
 
@@ -277,7 +278,7 @@ class LocalExecutor:
             for job in todo:
                 job.fn(job.payload)
                 bar.update()
-        else:
+        elif todo:  # nothing left to run: no pool to start
             ctx = mp.get_context("spawn")
             with ctx.Pool(min(self.workers, len(todo)), initializer=_worker_init,
                           initargs=(self.threads, os.getpid())) as pool:
@@ -291,7 +292,10 @@ def _local(runtime: RuntimeConfig, progress: bool) -> Executor:
 
 
 #: Executors by name (``runtime.executor``): a factory of (runtime config, progress bars).
-EXECUTORS: dict[str, Callable[[RuntimeConfig, bool], Executor]] = {"local": _local}
+EXECUTORS: dict[str, Callable[[RuntimeConfig, bool], Executor]] = {
+    "local": _local,
+    "ray": RayExecutor.from_runtime,  # dtrak.ray_executor: a local Ray or a cluster
+}
 
 
 def make_executor(runtime: RuntimeConfig, progress: bool = True) -> Executor:
