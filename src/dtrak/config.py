@@ -274,7 +274,7 @@ class RuntimeConfig:
     executor: str = _help("engine of the farms of independent jobs (dtrak.farm): local, ray",
                           "local")
     workers: int = _help("parallel jobs of a farm (local: processes, one torch thread each; "
-                         "ray: the CPUs of the local Ray it starts)", 1)
+                         "ray: jobs at once on the local Ray it starts)", 1)
     threads: int | None = _help("torch intra-op threads (None: torch's default)", None)
     ray_address: str | None = _help(
         "executor ray: None starts a local Ray on this machine; auto, HOST:PORT or "
