@@ -18,9 +18,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from safetensors import SafetensorError
 
 from dtrak import cli, pipeline
-from dtrak.artefacts import DamagedArtefactError, check_npy, create_npy, load_npy, save_npy
+from dtrak.artefacts import (
+    DamagedArtefactError,
+    as_os_error,
+    check_npy,
+    create_npy,
+    load_npy,
+    save_npy,
+)
 from dtrak.config import ConfigError, preset
 from dtrak.store import FeatureStore
 
@@ -216,3 +224,59 @@ def test_file_system_errors_are_one_line(monkeypatch, tmp_path):
     assert result.output.strip().splitlines() == [
         f"error: the disk is full ({tmp_path / 'x.npy'}); free some space (or use a run "
         "directory on another disk) and run the command again: finished work is kept"]
+
+
+# ------------------------------------------------------------------ the fault catalogue's finds
+
+
+@pytest.mark.parametrize(("sections", "key"), [
+    ({"lds": {"noise_seeds": ()}}, "lds.noise_seeds"),
+    ({"lds": {"n_boot": 0}}, "lds.n_boot"),
+    ({"attribution": {"n_targets": -1}}, "attribution.n_targets"),
+])
+def test_empty_or_negative_counts_are_refused(sections, key):
+    with pytest.raises(ConfigError, match=key):
+        _tiny(**sections).validate()
+
+
+def test_images_changed_on_disk_are_refused(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    content = run / "data" / "content.json"
+    saved = json.loads(content.read_text())
+    content.write_text(json.dumps({**saved, "train": "made-from-other-images"}))
+    with pytest.raises(pipeline.RunConfigError, match="train images .* differ"):
+        _ = pipeline.open_run(run, None, progress=False).dataset
+
+
+def test_deleted_generated_images_are_generated_again(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "gen" / "images.npy").unlink()  # done.npy still says every row is written
+    pipeline.run_stages(pipeline.open_run(run, None, progress=False), ("generate",))
+    np.testing.assert_array_equal(np.load(run / "gen" / "images.npy"),
+                                  np.load(tiny_run / "gen" / "images.npy"))
+
+
+def test_damaged_predictions_and_checkpoints_are_named(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    preds = run / "results" / "lds_predictions.npz"
+    os.truncate(preds, preds.stat().st_size // 2)
+    result = CliRunner().invoke(cli.main, ["compare", "dtrak", "trak", "--out", str(run)])
+    assert result.exit_code == 2 and "lds_predictions.npz is damaged" in result.output
+
+    model = run / "model"
+    (model / "done.json").unlink()
+    shutil.rmtree(model / "unet")
+    ckpt = sorted((model / "checkpoints").glob("step-*"))[-1]
+    os.truncate(ckpt / "optimizer.safetensors", 10)
+    with pytest.raises(DamagedArtefactError, match=f"checkpoint {ckpt} is damaged"):
+        pipeline.run_stages(pipeline.open_run(run, None, progress=False), ("train",))
+
+
+def test_a_full_disk_reported_by_a_library_is_an_os_error(tmp_path):
+    err = as_os_error(SafetensorError("Error while serializing: I/O error: No space left on "
+                                      "device (os error 28)"), tmp_path)
+    assert isinstance(err, OSError) and err.errno == errno.ENOSPC
+    assert cli._os_error(err).startswith("error: the disk is full"[7:])

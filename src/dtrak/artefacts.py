@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DamagedArtefactError", "check_npy", "create_npy", "digest", "load_npy",
-           "open_npy", "save_json", "save_npy"]
+__all__ = ["DamagedArtefactError", "as_os_error", "check_npy", "create_npy", "digest",
+           "load_npy", "open_npy", "save_json", "save_npy"]
 
 
 class DamagedArtefactError(ValueError):
@@ -33,6 +34,16 @@ class DamagedArtefactError(ValueError):
 def _damaged(path: Path, what: str) -> DamagedArtefactError:
     return DamagedArtefactError(
         f"{path} is damaged ({what}); delete it and run the stage again to recompute it")
+
+
+def as_os_error(error: Exception, path: str | Path) -> Exception:
+    """The ``OSError`` behind a library's write error (safetensors reports a full disk as
+    ``SafetensorError: ... (os error 28)``), or the error itself when there is none."""
+    found = re.search(r"os error (\d+)", str(error))
+    if found is None:
+        return error
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def check_npy(path: str | Path, shape: tuple | None = None, dtype: Any = None

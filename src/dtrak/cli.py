@@ -33,7 +33,7 @@ _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError, Con
 def _os_error(e: OSError) -> str:
     """One line for a failure of the file system (a full disk, a denied permission)."""
     where = f" ({e.filename})" if e.filename else ""
-    if e.errno == errno.ENOSPC:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return (f"the disk is full{where}; free some space (or use a run directory on another "
                 "disk) and run the command again: finished work is kept")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

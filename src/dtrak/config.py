@@ -223,6 +223,8 @@ class AttributionConfig:
         _check(self.n_timesteps >= 1, "attribution.n_timesteps", "must be >= 1")
         _check(self.proj_dim >= 1, "attribution.proj_dim", "must be >= 1")
         _check(self.batch_size >= 1, "attribution.batch_size", "must be >= 1")
+        _check(self.n_targets is None or self.n_targets >= 1, "attribution.n_targets",
+               "must be >= 1 (or omitted: every target)")
         _check(self.lambdas in ("paper", "relative"), "attribution.lambdas",
                "must be paper or relative")
 
@@ -243,6 +245,9 @@ class LDSConfig:
         _check(0 < self.alpha < 1, "lds.alpha", "must be in (0, 1)")
         _check(len(self.seeds) >= 1, "lds.seeds", "name at least one seed")
         _check(self.eval_timesteps >= 1, "lds.eval_timesteps", "must be >= 1")
+        _check(len(self.noise_seeds) >= 1, "lds.noise_seeds", "name at least one noise seed")
+        _check(self.n_boot >= 10, "lds.n_boot", "must be >= 10 (every LDS carries its "
+               "bootstrap interval; the paper-style default is 1000)")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ Run directory layout::
 
     RUN/config.json                       resolved config of the run (JSON)
     RUN/data/splits.json                  chosen source indices and labels of train / val
+    RUN/data/content.json                 digests of the train / val images
     RUN/data/summary.json, preview.png    sizes, class counts, a grid of training images
     RUN/model/                            the full model (see dtrak.train for its layout)
     RUN/gen/images.npy, done.npy          generated images [N, C, H, W] in [-1, 1], done mask
@@ -52,6 +53,10 @@ class RunPaths:
     @property
     def splits(self) -> Path:
         return self.data / "splits.json"
+
+    @property
+    def data_content(self) -> Path:
+        return self.data / "content.json"
 
     @property
     def model(self) -> Path:

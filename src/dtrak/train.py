@@ -38,9 +38,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_cosine_schedule_with_warmup
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .artefacts import DamagedArtefactError, as_os_error
 from .config import ConfigError, ModelConfig, TrainConfig
 from .families import ModelFamily, get_family
 from .seeding import seed_from
@@ -95,7 +97,10 @@ def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> dict:
                 tensors[f"{pid}.{key}"] = val.detach().contiguous().cpu()
             else:
                 scalars[f"{pid}.{key}"] = float(val)
-    save_file(tensors, str(path))
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as e:  # a full disk: raised as the OSError it is
+        raise as_os_error(e, path) from e
     return {"scalars": scalars, "param_groups": sd["param_groups"]}
 
 
@@ -200,13 +205,18 @@ def _resume(session: _Session, directory: Path, cfg: TrainConfig, steps: int) ->
     ckpt = latest_checkpoint(directory)
     if ckpt is None:
         return
-    state = json.loads((ckpt / "state.json").read_text())
-    session.model = session.family.load(ckpt / "unet")
-    session.opt, session.sched = _optimiser(session.family, session.model, cfg, steps)
-    # after the scheduler: its constructor resets the lr that the optimizer state restores
-    _load_optimizer(session.opt, ckpt / "optimizer.safetensors", state["optimizer"])
-    session.sched.load_state_dict({**state["lr_scheduler"], "lr_lambdas": [None]})
-    torch.set_rng_state(torch.tensor(state["torch_rng_state"], dtype=torch.uint8))
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        session.model = session.family.load(ckpt / "unet")
+        session.opt, session.sched = _optimiser(session.family, session.model, cfg, steps)
+        # after the scheduler: its constructor resets the lr that the optimizer state restores
+        _load_optimizer(session.opt, ckpt / "optimizer.safetensors", state["optimizer"])
+        session.sched.load_state_dict({**state["lr_scheduler"], "lr_lambdas": [None]})
+        torch.set_rng_state(torch.tensor(state["torch_rng_state"], dtype=torch.uint8))
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
+        raise DamagedArtefactError(
+            f"checkpoint {ckpt} is damaged ({str(e).strip()[:200]}); delete that folder and "
+            "train again: it resumes from the checkpoint before it") from e
     session.start = state["step"]
     log.info("resuming %s from step %d", directory, session.start)
 

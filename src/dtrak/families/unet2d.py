@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from safetensors import SafetensorError
 from torch.func import functional_call
 
-from ..artefacts import DamagedArtefactError
+from ..artefacts import DamagedArtefactError, as_os_error
 from ..config import PREDICTION_TYPES, ConfigError, ModelConfig, SamplingConfig
 from ..sampling import SampleBatch, sample_loop
 from .base import Cond, ModelFamily
@@ -126,7 +127,10 @@ def build_scheduler(cfg: ModelConfig, kind: str = "ddpm") -> DDPMScheduler | DDI
 
 def save_unet(model: UNet2DModel, directory: str | Path) -> None:
     """Write ``config.json`` and ``diffusion_pytorch_model.safetensors``."""
-    model.save_pretrained(str(directory), safe_serialization=True)
+    try:
+        model.save_pretrained(str(directory), safe_serialization=True)
+    except SafetensorError as e:  # a full disk: raised as the OSError it is
+        raise as_os_error(e, directory) from e
 
 
 def load_unet(directory: str | Path) -> UNet2DModel:

@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..artefacts import create_npy, open_npy
+from ..artefacts import create_npy, open_npy, save_json
 from ..config import Config
 from ..data import save_split_indices
 from ..families import ModelFamily
 from ..images import save_grid, save_pngs
 from ..train import train_model
-from .run import Run
+from .run import Run, data_content
 
 __all__ = ["generate_into", "stage_data", "stage_generate", "stage_train", "train_images_file"]
 
@@ -26,6 +26,8 @@ def stage_data(run: Run) -> dict:
     run.paths.data.mkdir(parents=True, exist_ok=True)
     if not run.paths.splits.exists():
         save_split_indices(ds, run.paths.splits)
+    if not run.paths.data_content.exists():
+        save_json(run.paths.data_content, data_content(ds))
     summary = ds.summary()
     (run.paths.data / "summary.json").write_text(json.dumps(summary, indent=2))
     preview = run.paths.data / "preview.png"
@@ -64,6 +66,11 @@ def generate_into(family: ModelFamily, model, run_cfg: Config, directory: Path, 
     keep = sc.save_trajectory if keep_trajectory is None else keep_trajectory
     directory.mkdir(parents=True, exist_ok=True)
     shape = family.sample_shape(model)
+    files = [directory / "images.npy", directory / "done.npy"]
+    files += [directory / "trajectory.npy"] if keep else []
+    if not all(f.exists() for f in files):  # a missing array: no row of it is known, start over
+        for f in files:
+            f.unlink(missing_ok=True)
     imgs = _memmap(directory / "images.npy", (n, *shape), np.float32)
     done = _memmap(directory / "done.npy", (n,), np.uint8)
     traj = (_memmap(directory / "trajectory.npy", (n, sc.steps, *shape), np.float16)

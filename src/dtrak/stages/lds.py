@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zipfile
 
 import numpy as np
 
 from .. import lds as lds_math
-from ..artefacts import load_npy
+from ..artefacts import DamagedArtefactError, load_npy
 from ..config import to_dict
 from ..lambdas import select_lambda
 from ..methods import get_method, method_lambda_grid
@@ -134,7 +135,11 @@ def compare(run: Run, method_a: str, method_b: str, set_name: str, selection: st
                                 f"{run.paths.root})")
     if selection not in ("paper", "heldout"):
         raise ValueError(f"selection must be paper or heldout, got {selection!r}")
-    preds = np.load(path)
+    try:
+        preds = np.load(path)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise DamagedArtefactError(f"{path} is damaged ({e}); run `dtrak lds --out "
+                                   f"{run.paths.root}` again to rewrite it") from e
 
     def key(name: str) -> str:
         for k in (f"{name}/{set_name}/{selection}", f"{name}/{set_name}/none"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artefacts import load_npy, open_npy
+from ..artefacts import digest, load_npy, open_npy
 from ..config import Config, diff_configs, load_config, save_config, to_dict
 from ..data import Dataset, load_dataset
 from ..families import ModelFamily, get_family
@@ -30,7 +30,7 @@ from .check import check_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RESULT_NEUTRAL_KEYS", "Run", "RunConfigError", "open_run"]
+__all__ = ["RESULT_NEUTRAL_KEYS", "Run", "RunConfigError", "data_content", "open_run"]
 
 
 class RunConfigError(ValueError):
@@ -84,6 +84,14 @@ class Run:
                     f"the training split of {self.paths.root} differs from the one saved in "
                     f"{self.paths.splits} (data changed on disk?); use a new run directory"
                 )
+        if self.paths.data_content.exists():
+            saved = json.loads(self.paths.data_content.read_text())
+            changed = [k for k, v in data_content(ds).items() if saved.get(k) != v]
+            if changed:
+                raise RunConfigError(
+                    f"the {' and '.join(changed)} images of {self.paths.root} differ from the "
+                    f"ones its results were made from ({self.paths.data_content}): images "
+                    "changed on disk; restore them or use a new run directory")
         return ds
 
     @cached_property
@@ -140,6 +148,11 @@ class Run:
                 "run `dtrak generate` (to the end) first for gen"
             )
         return list(self.cfg.attribution.targets)
+
+
+def data_content(ds: Dataset) -> dict[str, str]:
+    """Digests of the training and validation images (what every result was made from)."""
+    return {"train": digest(ds.train.images), "val": digest(ds.val.images)}
 
 
 def _generated(gen: Path) -> bool:
