@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..artefacts import create_npy, open_npy, save_json
+from ..artefacts import create_npy, open_npy
 from ..config import Config
 from ..data import save_split_indices
 from ..families import ModelFamily
 from ..images import save_grid, save_pngs
 from ..train import train_model
-from .run import Run, data_content
+from .run import Run
 
 __all__ = ["generate_into", "stage_data", "stage_generate", "stage_train", "train_images_file"]
 
@@ -26,8 +26,6 @@ def stage_data(run: Run) -> dict:
     run.paths.data.mkdir(parents=True, exist_ok=True)
     if not run.paths.splits.exists():
         save_split_indices(ds, run.paths.splits)
-    if not run.paths.data_content.exists():
-        save_json(run.paths.data_content, data_content(ds))
     summary = ds.summary()
     (run.paths.data / "summary.json").write_text(json.dumps(summary, indent=2))
     preview = run.paths.data / "preview.png"

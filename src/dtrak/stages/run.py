@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artefacts import digest, load_npy, open_npy
+from ..artefacts import digest, load_npy, open_npy, save_json
 from ..config import Config, diff_configs, load_config, save_config, to_dict
 from ..data import Dataset, load_dataset
 from ..families import ModelFamily, get_family
@@ -84,6 +84,8 @@ class Run:
                     f"the training split of {self.paths.root} differs from the one saved in "
                     f"{self.paths.splits} (data changed on disk?); use a new run directory"
                 )
+        if not self.paths.data_content.exists():
+            _record_content(self.paths, ds)
         if self.paths.data_content.exists():
             saved = json.loads(self.paths.data_content.read_text())
             changed = [k for k, v in data_content(ds).items() if saved.get(k) != v]
@@ -153,6 +155,16 @@ class Run:
 def data_content(ds: Dataset) -> dict[str, str]:
     """Digests of the training and validation images (what every result was made from)."""
     return {"train": digest(ds.train.images), "val": digest(ds.val.images)}
+
+
+def _record_content(paths: RunPaths, ds: Dataset) -> None:
+    """Write the images' digests the first time a stage resolves the data set (a run made
+    before they were recorded, and left read-only, is opened without them)."""
+    try:
+        paths.data.mkdir(parents=True, exist_ok=True)
+        save_json(paths.data_content, data_content(ds))
+    except OSError as e:
+        log.warning("cannot record the image digests in %s: %s", paths.data_content, e)
 
 
 def _generated(gen: Path) -> bool:
