@@ -138,8 +138,11 @@ def _tally(ray: Any) -> Any | None:
 def _run_in_worker(fn: Callable[[dict], Any], payload: dict, threads: int, cwd: str,
                    tally: Any, key: str, name: str) -> None:
     """What a Ray task runs: one job, in the submitter's directory, on its own CPUs."""
-    if tally is not None:
-        tally.started.remote(key, name)
+    if tally is not None:  # waited for: a worker killed right after must still be counted
+        try:
+            _import_ray().get(tally.started.remote(key, name), timeout=10)
+        except Exception as e:  # noqa: BLE001 - the counts are a nicety
+            log.debug("retry tally unavailable: %s", e)
     if os.path.isdir(cwd):
         os.chdir(cwd)
     set_threads(threads)
