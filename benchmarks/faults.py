@@ -831,16 +831,16 @@ def _undone(r: Path) -> None:
 
 
 _damage("done mask of a feature store reset -> featurize",
-        _undone, ["featurize", "--out", "{run}", "-q"], "recovered", _feats_close)
+        _undone, ["featurize", "--out", "{run}", "-q"], "recovered", _feats_equal)
 _damage("feature meta.json invalid JSON -> featurize",
         lambda r: bad_json(one(r, FEAT_TRAIN) / "meta.json"),
         ["featurize", "--out", "{run}", "-q"], "clear-error|recovered", _feats_equal)
 _damage("feature meta.json deleted -> featurize",
         lambda r: delete(one(r, FEAT_TRAIN) / "meta.json"),
-        ["featurize", "--out", "{run}", "-q"], "clear-error|recovered", _feats_close)
+        ["featurize", "--out", "{run}", "-q"], "clear-error|recovered", _feats_equal)
 _damage("feature store deleted -> featurize",
         lambda r: delete(one(r, FEAT_TRAIN)),
-        ["featurize", "--out", "{run}", "-q"], "recovered", _feats_close)
+        ["featurize", "--out", "{run}", "-q"], "recovered", _feats_equal)
 _damage("truncated gen/images.npy -> lds",
         lambda r: truncate(r / "gen" / "images.npy"),
         ["lds", "--out", "{run}", "-q"], "clear-error|recovered", _lds_equal)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from dtrak.config import ConfigError, apply_overrides, preset
 from dtrak.farm import Job, LocalExecutor
+from dtrak.stages.check import check_config
 
 TESTS = Path(__file__).resolve().parent
 
@@ -95,3 +97,9 @@ def test_a_failing_job_raises_its_error_in_the_parent(tmp_path):
     jobs = [Job(f"j{i}", failing, {"name": f"j{i}"}) for i in range(2)]
     with pytest.raises(ValueError, match=r"job j\d failed"):
         LocalExecutor(2, threads_per_worker=1, progress=False).run(jobs)
+
+
+def test_an_unknown_executor_is_refused_before_any_stage_runs():
+    cfg = apply_overrides(preset("tiny"), ["runtime.executor='slurm'"])
+    with pytest.raises(ConfigError, match="unknown executor 'slurm'; known: local, ray"):
+        check_config(cfg)

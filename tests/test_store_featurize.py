@@ -43,8 +43,59 @@ def test_batch_size_and_shards_give_identical_features(setup, tmp_path):
     c = FeatureStore.open(tmp_path / "c")
     assert c.complete
     np.testing.assert_allclose(a, c.load(), rtol=0, atol=tol)
+    # an example is always computed in the same fixed block: sharding changes nothing
+    np.testing.assert_array_equal(c.load(), _run(setup, tmp_path / "e", batch_size=2).load())
     # the same batch layout is bit-identical
     np.testing.assert_array_equal(b, _run(setup, tmp_path / "d", batch_size=3).load())
+
+
+def test_todo_blocks_are_fixed_blocks_of_the_whole_set(setup, tmp_path):
+    store = _run(setup, tmp_path / "s", batch_size=4)
+    store.done[[1, 9]] = 0
+    blocks = featurize_mod.todo_blocks([store], 4)
+    assert [b.tolist() for b in blocks] == [[0, 1, 2, 3], [8, 9]]
+    assert [b.tolist() for b in featurize_mod.todo_blocks([store], 4, (1, 2))] == []
+    assert [b.tolist() for b in featurize_mod.todo_blocks([store], 4, (0, 2))] == [
+        [0, 1, 2, 3], [8, 9]]
+
+
+def test_a_damaged_row_is_recomputed_bit_for_bit(setup, tmp_path):
+    full = _run(setup, tmp_path / "full", batch_size=4).load()
+    store = _run(setup, tmp_path / "s", batch_size=4)
+    store.features[5] = 0.0  # lost rows of a batch: the done flags cleared
+    store.done[5] = 0
+    store.features.flush()
+    store.done.flush()
+    np.testing.assert_array_equal(_run(setup, tmp_path / "s", batch_size=4).load(), full)
+
+
+def test_featurize_many_killed_between_stores_resumes_bit_for_bit(setup, tmp_path,
+                                                                   monkeypatch):
+    adapter, sched, x = setup
+    outs = ["loss", "square", "l2"]
+
+    def many(root):
+        return featurize_many(adapter, x, {o: root / o for o in outs}, SPEC, sched, "m",
+                              "train", batch_size=4, progress=False)
+
+    full = {o: st.load() for o, st in many(tmp_path / "full").items()}
+    real, writes = FeatureStore.write, {"n": 0}
+
+    def dying(self, ids, values):
+        writes["n"] += 1
+        if writes["n"] == 5:  # second batch: "loss" written, "square" and "l2" not
+            raise KeyboardInterrupt("killed")
+        return real(self, ids, values)
+
+    monkeypatch.setattr(FeatureStore, "write", dying)
+    with pytest.raises(KeyboardInterrupt):
+        many(tmp_path / "killed")
+    monkeypatch.setattr(FeatureStore, "write", real)
+    assert FeatureStore.open(tmp_path / "killed" / "loss").done.sum() == 8
+    assert FeatureStore.open(tmp_path / "killed" / "square").done.sum() == 4
+    resumed = many(tmp_path / "killed")
+    for o in outs:
+        np.testing.assert_array_equal(resumed[o].load(), full[o])
 
 
 def test_resume_after_kill_is_bit_identical(setup, tmp_path, monkeypatch):

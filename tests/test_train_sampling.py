@@ -45,6 +45,25 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny):
     assert len(list((tmp_path / "a" / "checkpoints").glob("step-*"))) == 4
 
 
+
+def test_deleted_final_weights_are_restored_or_retrained(tmp_path, tiny):
+    import shutil
+
+    cfg_train = dataclasses.replace(tiny.train, steps=6, checkpoint_every=3)
+    x = _images()
+    train_model(x, tiny.model, cfg_train, tmp_path / "m", progress=False)
+    want = _params(load_unet(tmp_path / "m" / "unet"))
+    # the final weights deleted, done.json kept: written again from the last checkpoint
+    shutil.rmtree(tmp_path / "m" / "unet")
+    train_model(x, tiny.model, cfg_train, tmp_path / "m", progress=False)
+    assert torch.equal(_params(load_unet(tmp_path / "m" / "unet")), want)
+    # no checkpoint either: trained again (deterministically), never reported finished
+    shutil.rmtree(tmp_path / "m" / "unet")
+    shutil.rmtree(tmp_path / "m" / "checkpoints")
+    res = train_model(x, tiny.model, cfg_train, tmp_path / "m", progress=False)
+    assert res.steps == 6 and is_trained(tmp_path / "m")
+    assert torch.equal(_params(load_unet(tmp_path / "m" / "unet")), want)
+
 def test_training_subset_and_seed(tmp_path, tiny):
     x = _images()
     r1 = train_model(x, tiny.model, tiny.train, tmp_path / "s1", indices=np.arange(16),

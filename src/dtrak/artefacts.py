@@ -85,11 +85,16 @@ def open_npy(path: str | Path, shape: tuple | None = None, dtype: Any = None,
 def create_npy(path: str | Path, shape: tuple, dtype: Any) -> np.memmap:
     """A new zero-filled ``.npy`` memmap whose disk space is allocated now."""
     path = Path(path)
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
-    arr.flush()
-    if hasattr(os, "posix_fallocate") and arr.nbytes:
-        with open(path, "r+b") as f:
-            os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+    try:
+        arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+        arr.flush()
+        if hasattr(os, "posix_fallocate") and arr.nbytes:
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+    except OSError as e:  # posix_fallocate's error names no file: say which one
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     return arr
 
 

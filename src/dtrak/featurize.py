@@ -35,7 +35,7 @@ from .store import FeatureStore
 log = logging.getLogger(__name__)
 
 __all__ = ["FeatureSpec", "featurize_into", "featurize_many", "finished_features", "model_seed",
-           "projector_for"]
+           "projector_for", "todo_blocks"]
 
 
 @dataclass(frozen=True)
@@ -114,17 +114,16 @@ def featurize_into(
     noise_seed = seed_from(spec.noise_seed, "set", set_name) % (2**62)
     meta = _store_meta(spec, model_id, set_name, p, ts, projector)
     store = FeatureStore(directory, len(examples), projector.k, meta, overwrite=overwrite)
-    todo = store.missing(shard)
-    bar = tqdm(total=len(todo), desc=f"features {set_name}/{spec.name}",
-               disable=not progress or len(todo) == 0, leave=False)
-    for lo in range(0, len(todo), batch_size):
-        ids = todo[lo:lo + batch_size]
+    blocks = todo_blocks([store], batch_size, shard)
+    bar = tqdm(total=int(sum((store.done[b] == 0).sum() for b in blocks)),
+               desc=f"features {set_name}/{spec.name}",
+               disable=not progress or not blocks, leave=False)
+    for ids in blocks:
         x0, cond = adapter.prepare(examples[torch.as_tensor(ids)])
         g = per_sample_gradients(adapter, x0, torch.as_tensor(ids), spec.output, ts, sched,
                                  noise_seed, cond=cond, param_names=names)
         check_finite(g, [int(i) for i in ids])
-        store.write(ids, projector.project(g).float().cpu().numpy())
-        bar.update(len(ids))
+        bar.update(_write_missing(store, ids, projector.project(g)))
     bar.close()
     return store
 
@@ -165,6 +164,31 @@ def finished_features(
     return load_npy(directory / "features.npy", (int(n), int(projector.k)), np.float32)
 
 
+def todo_blocks(stores: list[FeatureStore], batch_size: int,
+                shard: tuple[int, int] = (0, 1)) -> list[np.ndarray]:
+    """The batches of example ids still to compute: fixed blocks ``[b*B, (b+1)*B)`` of the
+    whole set (shard ``(i, N)`` takes the blocks with ``b % N == i``) that miss a row in any
+    of ``stores``. An example is always computed in the same batch, whatever the sharding
+    and however often the run was killed and resumed, so the features are bit for bit those
+    of one uninterrupted run (batched float kernels round by batch composition)."""
+    i, n_shards = shard
+    n = stores[0].n
+    missing = np.zeros(n, dtype=bool)
+    for st in stores:
+        missing |= np.asarray(st.done) == 0
+    starts = range(0, n, batch_size)
+    return [np.arange(lo, min(lo + batch_size, n)) for b, lo in enumerate(starts)
+            if b % n_shards == i and missing[lo:lo + batch_size].any()]
+
+
+def _write_missing(store: FeatureStore, ids: np.ndarray, feats: torch.Tensor) -> int:
+    """Write the rows of ``ids`` that ``store`` lacks (rows it holds are kept); their count."""
+    keep = np.asarray(store.done[ids]) == 0
+    if keep.any():
+        store.write(ids[keep], feats[torch.as_tensor(keep)].float().cpu().numpy())
+    return int(keep.sum())
+
+
 def featurize_many(
     adapter: DiffusionAdapter,
     examples,
@@ -175,14 +199,17 @@ def featurize_many(
     set_name: str,
     batch_size: int = 16,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, FeatureStore]:
     """:func:`featurize_into` for several output functions at once (one store each).
 
     ``directories`` maps output names to store directories; ``spec`` gives everything but
-    the output. Each batch shares one forward pass across the outputs
-    (:func:`~dtrak.gradients.per_sample_gradients_multi`); a store only receives the rows it
-    is missing, so stores made earlier, one output at a time, are completed, not rewritten.
-    The features equal those of :func:`featurize_into` (same noise, timesteps, projection).
+    the output. Each batch (a fixed block, :func:`todo_blocks`) shares one forward pass
+    across all the outputs (:func:`~dtrak.gradients.per_sample_gradients_multi`); a store
+    only receives the rows it is missing, so stores made earlier, one output at a time, are
+    completed, not rewritten. The features equal those of :func:`featurize_into` (same
+    noise, timesteps, projection) to float rounding, and a resumed or sharded run
+    (``shard=(i, N)``, as in :func:`featurize_into`) equals one uninterrupted run bit for bit.
     """
     module = adapter.module
     module.eval()
@@ -195,21 +222,17 @@ def featurize_many(
                               _store_meta(replace(spec, output=o), model_id, set_name, p, ts,
                                           projector))
               for o, d in directories.items()}
-    missing = {o: set(st.missing().tolist()) for o, st in stores.items()}
-    todo = sorted(set().union(*missing.values()))
-    names = [o for o in directories if missing[o]]
-    bar = tqdm(total=len(todo), desc=f"features {set_name}/{'+'.join(names)}",
-               disable=not progress or not todo, leave=False)
-    for lo in range(0, len(todo), batch_size):
-        ids = todo[lo:lo + batch_size]
+    blocks = todo_blocks(list(stores.values()), batch_size, shard)
+    names = list(directories)  # always every output: a block's rounding never depends on
+    # which of its stores a killed run had already written
+    bar = tqdm(total=sum(len(b) for b in blocks), desc=f"features {set_name}/{'+'.join(names)}",
+               disable=not progress or not blocks, leave=False)
+    for ids in blocks:
         x0, cond = adapter.prepare(examples[torch.as_tensor(ids)])
         g = per_sample_gradients_multi(adapter, x0, torch.as_tensor(ids), names, ts, sched,
                                        noise_seed, cond=cond)
         for j, o in enumerate(names):
-            rows = [i for i, e in enumerate(ids) if e in missing[o]]
-            if rows:
-                store_ids = np.asarray([ids[i] for i in rows])
-                stores[o].write(store_ids, projector.project(g[j, rows]).float().cpu().numpy())
+            _write_missing(stores[o], ids, projector.project(g[j]))
         bar.update(len(ids))
     bar.close()
     return stores

@@ -84,9 +84,13 @@ class FeatureStore:
         tmp = self.directory.with_name(f".{self.directory.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        create_npy(tmp / "features.npy", (self.n, self.k), np.float32)
-        create_npy(tmp / "done.npy", (self.n,), np.uint8)
-        (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+        try:
+            create_npy(tmp / "features.npy", (self.n, self.k), np.float32)
+            create_npy(tmp / "done.npy", (self.n,), np.uint8)
+            (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+        except BaseException:  # a full disk, a kill: leave no half-made folder behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             tmp.rename(self.directory)
         except OSError:

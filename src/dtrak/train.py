@@ -290,6 +290,23 @@ def _finished(directory: Path) -> TrainResult:
                        info["steps_per_second"])
 
 
+def _final_weights_present(directory: Path, family: ModelFamily, steps: int) -> bool:
+    """Whether a finished run still has its final weights. Deleted ones are written again
+    from the last checkpoint (which holds them); without it ``done.json`` is withdrawn, so
+    training resumes rather than a later stage failing on a model that is not there."""
+    weights = directory / "unet"
+    if weights.is_dir() and any(weights.iterdir()):
+        return True
+    ckpt = latest_checkpoint(directory)
+    if ckpt is not None and json.loads((ckpt / "state.json").read_text())["step"] == steps:
+        log.warning("%s: final weights missing; restored from %s", directory, ckpt.name)
+        family.save(family.load(ckpt / "unet"), weights)
+        return True
+    log.warning("%s: final weights missing and no final checkpoint; training again", directory)
+    (directory / "done.json").unlink()
+    return False
+
+
 def check_trainable(model_cfg: ModelConfig) -> None:
     """Refuse what dtrak cannot train: it trains epsilon-prediction models only."""
     if model_cfg.prediction_type != "epsilon":
@@ -333,10 +350,10 @@ def train_model(
     if n == 0:
         raise ValueError("train_model: no training examples (empty index list)")
     steps = total_steps(train_cfg, n)
-    if is_trained(directory):
+    family = get_family(model_cfg.family)
+    if is_trained(directory) and _final_weights_present(directory, family, steps):
         return _finished(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    family = get_family(model_cfg.family)
     session = _setup(family, model_cfg, train_cfg, data.shape[1:], steps, init_seed, seed, device)
     _resume(session, directory, train_cfg, steps)
     start = session.start

@@ -187,7 +187,7 @@ class Context:
         outputs = list(dict.fromkeys(outputs))
         todo = {o: self.feature_dir(model_id, set_name, self.spec(o).name) for o in outputs
                 if (model_id, set_name, self.spec(o)) not in self._features}
-        if len(todo) > 1:
+        if todo:  # one pass for all outputs, also for one: the same rounding as shards
             featurize_many(self.adapter(model_id), self.examples(set_name), todo,
                            self.spec(outputs[0]), self.sched, model_id, set_name,
                            batch_size=self.cfg.attribution.batch_size, progress=self.progress)

@@ -8,6 +8,7 @@ an impossible count is reported at once, not after hours of training.
 from __future__ import annotations
 
 from ..config import Config, ConfigError
+from ..farm import EXECUTORS
 from ..methods import get_method
 from ..outputs import get_output
 from ..train import check_trainable
@@ -63,6 +64,9 @@ def _problems(cfg: Config) -> list[str]:
             if members is not None and members > cfg.lds.n_subsets:
                 out.append(f"{key}: {name} reads {members} pool models but lds.n_subsets = "
                            f"{cfg.lds.n_subsets} sets the pool size; raise it")
+    if cfg.runtime.executor not in EXECUTORS:
+        out.append(f"runtime.executor: unknown executor {cfg.runtime.executor!r}; known: "
+                   f"{', '.join(EXECUTORS)}")
     if "counterfactual" in cfg.stages and cfg.data.train_size is not None:
         try:
             removal_count(cfg.counterfactual.remove, cfg.data.train_size)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..config import load_config
 from ..farm import Job
-from ..featurize import featurize_into
+from ..featurize import featurize_many
 from ..methods import get_method
 from ..paths import RunPaths
 from .run import Run
@@ -46,15 +46,16 @@ def featurize_shard(run: Run, shard: tuple[int, int], sets: list[str] | None = N
     ctx = run.context
     sets = sets or ["train", *run.target_sets()]
     outputs = outputs or list(run.cfg.attribution.outputs)
+    specs = {o: ctx.spec(o) for o in outputs}
     left = {}
-    for output in outputs:
-        spec = ctx.spec(output)
-        for set_name in sets:
-            store = featurize_into(ctx.adapter(), ctx.examples(set_name),
-                                   run.paths.features("full", set_name, spec.name), spec,
-                                   ctx.sched, "full", set_name, run.cfg.attribution.batch_size,
-                                   shard=shard, progress=run.progress)
-            left[f"{set_name}/{spec.name}"] = int((store.done == 0).sum())
+    for set_name in sets:  # all outputs of a set in one pass, as the featurize stage does
+        stores = featurize_many(
+            ctx.adapter(), ctx.examples(set_name),
+            {o: run.paths.features("full", set_name, sp.name) for o, sp in specs.items()},
+            specs[outputs[0]], ctx.sched, "full", set_name, run.cfg.attribution.batch_size,
+            progress=run.progress, shard=shard)
+        for o, store in stores.items():
+            left[f"{set_name}/{specs[o].name}"] = int((store.done == 0).sum())
     return {"shard": f"{shard[0]}/{shard[1]}", "examples_left_in_store": left}
 
 
