@@ -17,7 +17,9 @@ from dtrak.families.unet2d import UNet2DFamily, build_unet
 from dtrak.farm import Job, LocalExecutor, make_executor
 from dtrak.featurize import FeatureSpec, featurize_into
 from dtrak.noise import ScheduleConstants
+from dtrak.projection import make_projector
 from dtrak.runtime import placement, resolve_device
+from dtrak.scoring import KernelSolver
 
 STAGES = ("data", "train", "generate", "featurize", "score")
 
@@ -153,14 +155,42 @@ def test_executors_run_plain_jobs_once(tmp_path):
 
 
 @pytest.mark.cuda
-def test_features_on_cuda_equal_the_cpu_ones(tmp_path):
-    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+@pytest.mark.parametrize("projector", ["sjlt", "srht", "gaussian"])
+def test_features_and_scores_on_cuda_equal_the_cpu_ones(tmp_path, projector):
+    x = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     sched = ScheduleConstants.from_scheduler(get_family("unet2d").scheduler(preset("tiny").model))
+    spec = FeatureSpec(output="square", n_timesteps=3, projector=projector, proj_dim=64)
     feats = {}
     for device in ("cpu", "cuda"):
-        spec = FeatureSpec(output="square", n_timesteps=3, projector="sjlt", proj_dim=64)
         model = build_unet(preset("tiny").model, 1, 8, seed=0).to(device)
         feats[device] = featurize_into(UNet2DAdapter(model), x, tmp_path / device, spec, sched,
-                                       "m", "train", progress=False).load()
+                                       "m", "train", batch_size=4, progress=False).load()
     np.testing.assert_allclose(feats["cuda"], feats["cpu"], rtol=1e-3,
                                atol=1e-4 * np.abs(feats["cpu"]).max())
+    # scores: the kernel factorised on the GPU from the GPU's features, against the CPU's
+    cpu = KernelSolver(feats["cpu"][:8]).scores(feats["cpu"][8:], 0.1)
+    gpu = KernelSolver(feats["cuda"][:8], device="cuda").scores(feats["cuda"][8:], 0.1)
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-2, atol=1e-3 * np.abs(cpu).max())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "srht", "sjlt"])
+def test_projectors_on_cuda_equal_their_cpu_versions(kind):
+    g = torch.randn(8, 3000, generator=torch.Generator().manual_seed(0))
+    proj = make_projector(kind, 3000, 256, seed=1, model_id=2)
+    want = proj.project(g)
+    got = proj.project(g.cuda())
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    # the seeded tables are copied to the device once, not per batch
+    torch.testing.assert_close(proj.project(g.cuda()).cpu(), got.cpu(), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_a_tiny_run_on_cuda_puts_every_stage_there(tmp_path):
+    run = pipeline.open_run(tmp_path / "gpu", _tiny(device="cuda"), progress=False)
+    pipeline.run_stages(run, STAGES)
+    stages = json.loads((tmp_path / "gpu" / "stages.json").read_text())
+    assert stages["train"]["device"].startswith("cuda")
+    assert run.context.adapter().module.device.type == "cuda"
+    assert len(_outputs(tmp_path / "gpu")) >= 8

@@ -265,3 +265,15 @@ def test_datamodels_match_sklearn_ridge(n_models, n_train):
     _close(datamodel_scores(masks, y, ridge_alpha=2.0), -ref, rtol=1e-5)
     with pytest.raises(ValueError, match="ridge_alpha"):
         datamodel_scores(masks, y, ridge_alpha=-1.0)
+
+
+@pytest.mark.parametrize("form", ["primal", "dual"])
+def test_torch_factorisation_equals_scipy(form):
+    # the device path (torch float64 Gram + eigh; on a GPU in the device check) on the CPU
+    rng = np.random.default_rng(0)
+    phi, tgt = rng.normal(size=(40, 24)), rng.normal(size=(3, 24))
+    ref = KernelSolver(phi, form=form)
+    dev = KernelSolver(phi, form=form, device="cpu")
+    np.testing.assert_allclose(dev.eigenvalues, ref.eigenvalues, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(dev.scores(tgt, 0.3), ref.scores(tgt, 0.3), rtol=1e-5, atol=1e-6)
+    assert dev.trace_scale == pytest.approx(ref.trace_scale)

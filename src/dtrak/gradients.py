@@ -44,6 +44,7 @@ __all__ = [
     "eval_mode",
     "featurization_mode",
     "flatten_grads",
+    "full_float32",
     "output_values",
     "param_order",
     "per_sample_gradients",
@@ -135,9 +136,23 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """No TF32 on CUDA for the duration (the flags are restored after). Features are compared
+    across devices to float32 tolerance, and TF32's 10-bit mantissa (cuDNN uses it for
+    convolutions by default) would cost about 1e-3 relative error; no effect on the CPU."""
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@contextlib.contextmanager
 def featurization_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and vmap-friendly (MATH) scaled-dot-product attention for the duration."""
-    with eval_mode(module), sdpa_kernel([SDPBackend.MATH]):
+    """Eval mode, vmap-friendly (MATH) scaled-dot-product attention and full float32 (no
+    TF32) for the duration."""
+    with eval_mode(module), sdpa_kernel([SDPBackend.MATH]), full_float32():
         yield
 
 

@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import scipy.linalg
+import torch
 
 __all__ = [
     "KernelSolver",
@@ -102,6 +103,29 @@ def _eigh(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scipy.linalg.eigh(gram, overwrite_a=True, check_finite=False, driver="evd")
 
 
+def _factorise(phi: np.ndarray, form: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eigenvalues and the bases ``(A, B)`` of the Gram (SciPy, float64, on the CPU)."""
+    if form == "primal":
+        evals, vecs = _eigh(phi.T @ phi)
+        return evals, vecs, phi @ vecs
+    evals, vecs = _eigh(phi @ phi.T)
+    return evals, phi.T @ vecs, vecs
+
+
+def _factorise_torch(phi: np.ndarray, form: str, device: torch.device
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_factorise` with the Gram product, eigh and basis change in torch float64 on
+    ``device`` (a GPU); the bases come back to host memory for the sweeps."""
+    x = torch.from_numpy(phi).to(device)
+    if form == "primal":
+        evals, vecs = torch.linalg.eigh(x.T @ x)
+        a, b = vecs, x @ vecs
+    else:
+        evals, vecs = torch.linalg.eigh(x @ x.T)
+        a, b = x.T @ vecs, vecs
+    return evals.cpu().numpy(), a.cpu().numpy(), b.cpu().numpy()
+
+
 class KernelSolver:
     """Factorise the TRAK kernel once, then score any targets at any lambda.
 
@@ -110,6 +134,9 @@ class KernelSolver:
             works in float64).
         form: ``"primal"`` factorises ``Phi^T Phi`` (k x k), ``"dual"`` factorises
             ``Phi Phi^T`` (N x N), ``"auto"`` picks the smaller (primal when ``k <= N``).
+        device: None factorises with SciPy on the CPU; a torch device (``"cuda"``) does the
+            Gram product and eigendecomposition there in float64 (the same result to float64
+            rounding; the sweeps then run on the host).
 
     Attributes:
         n: N, the number of training examples.
@@ -121,18 +148,17 @@ class KernelSolver:
             (multiply a relative lambda by it).
     """
 
-    def __init__(self, train_features: np.ndarray, form: str = "auto") -> None:
+    def __init__(self, train_features: np.ndarray, form: str = "auto",
+                 device: str | torch.device | None = None) -> None:
         phi = _as_matrix(train_features, "train_features")
         if form not in ("auto", "primal", "dual"):
             raise ValueError(f"unknown form {form!r}; use 'auto', 'primal' or 'dual'")
         self.n, self.k = phi.shape
         self.form = choose_form(self.n, self.k) if form == "auto" else form
-        if self.form == "primal":
-            evals, vecs = _eigh(phi.T @ phi)
-            self._a, self._b = vecs, phi @ vecs
+        if device is None:
+            evals, self._a, self._b = _factorise(phi, self.form)
         else:
-            evals, vecs = _eigh(phi @ phi.T)
-            self._a, self._b = phi.T @ vecs, vecs
+            evals, self._a, self._b = _factorise_torch(phi, self.form, torch.device(device))
         self.eigenvalues = np.clip(evals, 0.0, None)
         self.rank_dim = self.eigenvalues.size
         self.trace_scale = float(np.einsum("ij,ij->", phi, phi) / self.n)

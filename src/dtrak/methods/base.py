@@ -198,7 +198,8 @@ class Context:
         key = (model_id, self.spec(output))
         if key not in self._solvers:
             self._solvers[key] = scoring.KernelSolver(
-                self.features("train", output, model_id=model_id))
+                self.features("train", output, model_id=model_id),
+                device=None if self.placement.device.type == "cpu" else self.placement.device)
         return self._solvers[key]
 
 

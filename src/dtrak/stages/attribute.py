@@ -413,7 +413,8 @@ def attribute_images(
     tstore = featurize_into(adapter, target.examples(),
                             cache / key / f"targets-{model_id}-{th.hexdigest()}", spec, sched,
                             model_id, "targets", batch_size=batch_size, progress=False)
-    solver = KernelSolver(phi_train)
+    on = resolve_device(device)
+    solver = KernelSolver(phi_train, device=None if on.type == "cpu" else on)
     if lam_rel is not None:
         rel, lam_from = lam_rel, "given"
     elif run is not None and (chosen := _run_lambda(Path(run), spec)) is not None:
