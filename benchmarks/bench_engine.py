@@ -6,7 +6,12 @@ Measures, in one run on one machine:
       same model on the same B*K noisy inputs, in (example, timestep) pairs per second;
   (b) fast projectors (srht, sjlt) against the dense regenerate-per-call reference
       (gaussian, rademacher) at p ~ 1M and k = 4096, 32768, with their inner-product error;
-  (c) projection time / gradient time per example for the model of (a).
+  (c) projection time / gradient time per example for the model of (a);
+  (d) the hook engine (dtrak.hooks, attribution.gradients = "hooks") and the factored kron
+      projector in the comparison of (a), and kron's Gram error on the model's gradients.
+All compared gradient paths run interleaved (one repeat of each in turn), and the load
+average is recorded before and after (``loadavg_before``/``loadavg_after`` in the JSON):
+a figure taken with other jobs on the cores is not a quiet-machine figure.
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/bench_engine.py --out benchmarks/engine.json
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 import warnings
@@ -24,10 +30,11 @@ import torch
 from diffusers import UNet2DModel
 
 from dtrak.families import UNet2DAdapter
-from dtrak.gradients import per_sample_gradients
+from dtrak.gradients import param_order, per_sample_gradients
+from dtrak.hooks import hook_gradients, kron_layers
 from dtrak.noise import ScheduleConstants, add_noise, example_noise, timesteps
 from dtrak.outputs import get_output
-from dtrak.projection import DenseProjector, make_projector
+from dtrak.projection import DenseProjector, KronProjector, make_projector
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--dense-blocks", type=int, default=4,
                     help="dense projector: time this many 1024-row blocks and extrapolate")
     ap.add_argument("--error-seeds", type=int, default=5, help="projection seeds for the error")
+    ap.add_argument("--kron-k", type=int, default=4096,
+                    help="proj_dim of the kron projector timed in (a) (its true k is reported)")
     ap.add_argument("--skip-fallback", action="store_true",
                     help="skip timing vmap with the fused SDPA kernel (per-example fallback)")
     return ap.parse_args()
@@ -113,8 +122,18 @@ def bench_gradients(args, model) -> dict:
     def noise_only():
         example_noise(0, ids, K, (1, args.resolution, args.resolution))
 
+    kron = kron_projector(model, args.kron_k)
+
+    def hooks():
+        return hook_gradients(adapter, x0, ids, [args.output], ts, sched, noise_seed=0)
+
+    def hooks_kron():
+        return hook_gradients(adapter, x0, ids, [args.output], ts, sched, noise_seed=0,
+                              projector=kron)
+
     # Interleave the measurements so background load hits all alike; report the minimum.
-    fns = {"per_sample_s": per_sample, "batched_fwd_bwd_s": batched}
+    fns = {"per_sample_s": per_sample, "batched_fwd_bwd_s": batched, "hooks_s": hooks,
+           "hooks_kron_s": hooks_kron}
     if not args.skip_fallback:
         fns["fused_sdpa_vmap_s"] = lambda: _fused_sdpa_vmap(per_sample)
     times = {name: [] for name in fns}
@@ -129,8 +148,34 @@ def bench_gradients(args, model) -> dict:
     res["per_sample_pairs_per_s"] = B * K / res["per_sample_s"]
     res["batched_pairs_per_s"] = B * K / res["batched_fwd_bwd_s"]
     res["ratio"] = res["per_sample_pairs_per_s"] / res["batched_pairs_per_s"]
+    res["hooks_ratio"] = res["batched_fwd_bwd_s"] / res["hooks_s"]
+    res["hooks_kron_ratio"] = res["batched_fwd_bwd_s"] / res["hooks_kron_s"]
+    res["kron_k"] = kron.k
     res["grad_s_per_example"] = res["per_sample_s"] / B
     return res
+
+
+def kron_projector(model, proj_dim: int, model_id: int = 0) -> KronProjector:
+    """The kron projector of ``model`` (all parameters) for the budget ``proj_dim``."""
+    order = param_order(model)
+    return KronProjector(sum(n for _, n in order), proj_dim, seed=0, model_id=model_id,
+                         order=order, layers=kron_layers(model, order))
+
+
+def kron_errors(args, model, grads: torch.Tensor) -> list[dict]:
+    """kron's Gram / cosine errors on the model's gradients (its map applied to the
+    materialised gradients: the same features as the hook path), beside sjlt's."""
+    rows = []
+    for k in args.proj_k:
+        errs = [gram_error(grads, kron_projector(model, k, i).project(grads))
+                for i in range(args.error_seeds)]
+        rows.append({"kind": "kron", "proj_dim": k, "k": kron_projector(model, k).k,
+                     "gram_rel_err": sum(e[0] for e in errs) / len(errs),
+                     "cos_abs_err": sum(e[1] for e in errs) / len(errs),
+                     "sjlt_same_k": projection_error("sjlt", grads,
+                                                     kron_projector(model, k).k,
+                                                     args.error_seeds)})
+    return rows
 
 
 def _fused_sdpa_vmap(per_sample) -> None:
@@ -230,6 +275,7 @@ def main() -> None:
     if args.threads != 1:
         CLOCK.update(name="wall time", fn=time.perf_counter)
     model = build_model(args)
+    loadavg_before = os.getloadavg()
     t0 = time.perf_counter()
     grad_res = bench_gradients(args, model)
     ts = timesteps("uniform", args.K)
@@ -239,11 +285,14 @@ def main() -> None:
     proj_rows = bench_projectors(args, grads)
     for row in proj_rows:
         row["proj_over_grad"] = row["s_per_example_model_p"] / grad_res["grad_s_per_example"]
+    kron_rows = kron_errors(args, model, grads)
     result = {
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "clock": CLOCK["name"]},
+                    "threads": torch.get_num_threads(), "clock": CLOCK["name"],
+                    "cpus": os.cpu_count()},
+        "loadavg_before": list(loadavg_before), "loadavg_after": list(os.getloadavg()),
         "args": vars(args), "gradients": grad_res, "projectors": proj_rows,
-        "wall_s": time.perf_counter() - t0,
+        "kron": kron_rows, "wall_s": time.perf_counter() - t0,
     }
     print_report(result)
     if args.out:
@@ -261,6 +310,10 @@ def print_report(r: dict) -> None:
     print(f"    batched fwd+bwd (one gradient):          {g['batched_fwd_bwd_s']:.3f} s "
           f"= {g['batched_pairs_per_s']:.1f} pairs/s")
     print(f"    ratio per-sample / batched throughput:   {g['ratio']:.3f}")
+    print(f"    hooks (one batched backward):            {g['hooks_s']:.3f} s, ratio "
+          f"{g['hooks_ratio']:.3f}")
+    print(f"    hooks + kron projection (k={g['kron_k']}):{'':<6}{g['hooks_kron_s']:.3f} s, "
+          f"ratio {g['hooks_kron_ratio']:.3f}")
     if "fused_sdpa_vmap_s" in g:
         print(f"    (vmap with the fused SDPA kernel, per-example fallback: "
               f"{g['fused_sdpa_vmap_s']:.3f} s)")
@@ -274,6 +327,16 @@ def print_report(r: dict) -> None:
               f"{row['random']['gram_rel_err']:>9.4f}/{row['random']['cos_abs_err']:.4f}"
               f"{row['gradients']['gram_rel_err']:>9.4f}/{row['gradients']['cos_abs_err']:.4f}")
     print("    * dense: timed on a few 1024-row blocks and extrapolated linearly in p")
+    print("(d) kron on the model's gradients: Gram rel. Frobenius / mean |cos err| "
+          "(sjlt at the same k)")
+    for row in r["kron"]:
+        sj = row["sjlt_same_k"]
+        print(f"    proj_dim {row['proj_dim']:>7} -> k {row['k']:>7}: "
+              f"{row['gram_rel_err']:.4f}/{row['cos_abs_err']:.4f}  "
+              f"(sjlt {sj['gram_rel_err']:.4f}/{sj['cos_abs_err']:.4f})")
+    la, lb = r["loadavg_before"], r["loadavg_after"]
+    print(f"load average before {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}, after "
+          f"{lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f} ({r['machine']['cpus']} cpus)")
     print(f"total wall time {r['wall_s']:.1f} s")
 
 

@@ -189,6 +189,10 @@ class SamplingConfig:
         _check(self.batch_size >= 1, "sampling.batch_size", "must be >= 1")
 
 
+PROJECTORS = ("gaussian", "rademacher", "srht", "sjlt", "none", "trak-cuda", "kron")
+GRADIENT_ENGINES = ("vmap", "hooks")
+
+
 @dataclass(frozen=True)
 class AttributionConfig:
     outputs: tuple[str, ...] = _help(
@@ -199,7 +203,13 @@ class AttributionConfig:
     timesteps: str = _help("timestep schedule: uniform, cumulative, random", "uniform")
     n_timesteps: int = _help("K, timesteps per example (paper: 10, 100, 1000)", 10)
     proj_dim: int = _help("projection dimension k (paper: 4096 / 32768)", 4096)
-    projector: str = _help("gaussian, rademacher, srht (fast), sjlt, none (exact kernel)", "gaussian")
+    projector: str = _help(
+        "gaussian, rademacher, srht (fast), sjlt, none (exact kernel), kron (factored per "
+        "layer, never forms the gradient; needs gradients = hooks; the true k is near proj_dim)",
+        "gaussian")
+    gradients: str = _help(
+        "per-sample gradient engine: vmap (the reference) or hooks (one batched forward and "
+        "backward with layer hooks; equal to vmap up to float rounding)", "vmap")
     proj_seed: int = _help("projection seed", 0)
     noise_seed: int = _help("seed of the per-(example, timestep) noise", 0)
     batch_size: int = _help("examples per gradient batch (results do not depend on it)", 16)
@@ -222,6 +232,13 @@ class AttributionConfig:
                "must be uniform, cumulative or random")
         _check(self.n_timesteps >= 1, "attribution.n_timesteps", "must be >= 1")
         _check(self.proj_dim >= 1, "attribution.proj_dim", "must be >= 1")
+        _check(self.projector in PROJECTORS, "attribution.projector",
+               f"must be one of {', '.join(PROJECTORS)}, got {self.projector!r}")
+        _check(self.gradients in GRADIENT_ENGINES, "attribution.gradients",
+               f"must be one of {', '.join(GRADIENT_ENGINES)}, got {self.gradients!r}")
+        _check(self.projector != "kron" or self.gradients == "hooks", "attribution.projector",
+               "kron projects each layer's inputs and output gradients, which only the hook "
+               "engine sees: set attribution.gradients = 'hooks'")
         _check(self.batch_size >= 1, "attribution.batch_size", "must be >= 1")
         _check(self.n_targets is None or self.n_targets >= 1, "attribution.n_targets",
                "must be >= 1 (or omitted: every target)")

@@ -5,6 +5,12 @@ The core, :func:`featurize_into`, works on any :class:`~dtrak.gradients.Diffusio
 and tensor of examples; :func:`FeatureSpec` names what was computed, and the store refuses
 to mix features made with other settings. Work goes in batches of missing examples, so a
 killed run resumes, and ``shard=(i, N)`` lets N workers fill one store at once.
+
+``gradients`` chooses the per-sample gradient engine: ``vmap`` (:mod:`dtrak.gradients`, the
+reference) or ``hooks`` (:mod:`dtrak.hooks`, one batched backward). They agree to float
+rounding, so the engine is not part of the spec or the store's metadata (a store may be
+completed with the other engine; bit-for-bit resumption holds for one engine). The
+``kron`` projector needs ``hooks``: it projects each layer's inputs and output gradients.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .artefacts import load_npy
+from .config import GRADIENT_ENGINES
 from .families.base import DiffusionAdapter
 from .gradients import (
     check_finite,
@@ -27,8 +34,9 @@ from .gradients import (
     per_sample_gradients_multi,
     selected_parameters,
 )
+from .hooks import hook_gradients, kron_layers
 from .noise import ScheduleConstants, timesteps
-from .projection import Projector, make_projector
+from .projection import KronProjector, Projector, make_projector
 from .seeding import seed_from
 from .store import FeatureStore
 
@@ -65,9 +73,50 @@ def model_seed(model_id: str) -> int:
     return seed_from("model", model_id) % (2**31 - 1)
 
 
-def projector_for(spec: FeatureSpec, p: int, model_id: str) -> Projector:
+def projector_for(spec: FeatureSpec, p: int, model_id: str, module: torch.nn.Module | None = None,
+                  param_names: list[str] | None = None) -> Projector:
+    """The projection of ``spec`` for gradients of dimension ``p`` of model ``model_id``;
+    ``kron`` also needs the model (``module``, ``param_names``: its layer layout)."""
     k = p if spec.projector == "none" else spec.proj_dim
-    return make_projector(spec.projector, p, k, seed=spec.proj_seed, model_id=model_seed(model_id))
+    options = {}
+    if spec.projector == "kron":
+        if module is None:
+            raise ValueError("projector 'kron' is built from the model's layers: pass module=")
+        order = param_order(module, param_names)
+        options = {"order": order, "layers": kron_layers(module, order)}
+    return make_projector(spec.projector, p, k, seed=spec.proj_seed,
+                          model_id=model_seed(model_id), **options)
+
+
+def _check_engine(gradients: str, spec: FeatureSpec) -> None:
+    if gradients not in GRADIENT_ENGINES:
+        raise ValueError(f"unknown gradient engine {gradients!r}; use one of "
+                         f"{', '.join(GRADIENT_ENGINES)}")
+    if spec.projector == "kron" and gradients != "hooks":
+        raise ValueError("projector 'kron' projects each layer's inputs and output gradients, "
+                         "which only the hook engine sees: use gradients='hooks' "
+                         "(attribution.gradients = 'hooks')")
+
+
+def _features(adapter: DiffusionAdapter, gradients: str, projector: Projector, x0, ids,
+              outputs: list[str], ts, sched, noise_seed, cond, names, multi: bool
+              ) -> torch.Tensor:
+    """Projected features ``[len(outputs), B, k]`` of one batch with the chosen engine
+    (``vmap``: ``multi`` picks the several-output call, whose rounding the stores of
+    :func:`featurize_many` have always had)."""
+    if gradients == "hooks":
+        kron = projector if isinstance(projector, KronProjector) else None
+        g = hook_gradients(adapter, x0, ids, outputs, ts, sched, noise_seed, cond=cond,
+                           param_names=names, projector=kron)
+        return g if kron is not None else torch.stack([projector.project(gj) for gj in g])
+    if not multi:
+        g = per_sample_gradients(adapter, x0, ids, outputs[0], ts, sched, noise_seed,
+                                 cond=cond, param_names=names)
+        check_finite(g, [int(i) for i in ids])
+        return projector.project(g).unsqueeze(0)
+    g = per_sample_gradients_multi(adapter, x0, ids, outputs, ts, sched, noise_seed, cond=cond,
+                                   param_names=names)
+    return torch.stack([projector.project(gj) for gj in g])
 
 
 def featurize_into(
@@ -84,6 +133,7 @@ def featurize_into(
     param_names: list[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    gradients: str = "vmap",
 ) -> FeatureStore:
     """Compute the features of ``examples`` into the store at ``directory``.
 
@@ -101,16 +151,18 @@ def featurize_into(
         set_name: names the example set (train, val, gen, ...); salts the noise so two
             sets never share noise draws.
         timestep_values: explicit timesteps ``[K]`` (overrides ``spec``'s schedule).
+        gradients: the per-sample gradient engine, ``vmap`` or ``hooks`` (see the module).
     Returns:
         The store (``.load()`` gives the ``[N, k]`` features once complete).
     """
+    _check_engine(gradients, spec)
     module = adapter.module
     module.eval()
     T = len(sched.alphas_cumprod)
     ts = spec.timesteps(T) if timestep_values is None else timestep_values
     names = selected_parameters(adapter, param_names)
     p = sum(n for _, n in param_order(module, names))
-    projector = projector_for(spec, p, model_id)
+    projector = projector_for(spec, p, model_id, module, names)
     noise_seed = seed_from(spec.noise_seed, "set", set_name) % (2**62)
     meta = _store_meta(spec, model_id, set_name, p, ts, projector)
     store = FeatureStore(directory, len(examples), projector.k, meta, overwrite=overwrite)
@@ -120,10 +172,9 @@ def featurize_into(
                disable=not progress or not blocks, leave=False)
     for ids in blocks:
         x0, cond = adapter.prepare(examples[torch.as_tensor(ids)])
-        g = per_sample_gradients(adapter, x0, torch.as_tensor(ids), spec.output, ts, sched,
-                                 noise_seed, cond=cond, param_names=names)
-        check_finite(g, [int(i) for i in ids])
-        bar.update(_write_missing(store, ids, projector.project(g)))
+        feats = _features(adapter, gradients, projector, x0, torch.as_tensor(ids),
+                          [spec.output], ts, sched, noise_seed, cond, names, multi=False)
+        bar.update(_write_missing(store, ids, feats[0]))
     bar.close()
     return store
 
@@ -153,7 +204,7 @@ def finished_features(
     ts = spec.timesteps(len(sched.alphas_cumprod))
     names = selected_parameters(adapter)
     p = sum(k for _, k in param_order(adapter.module, names))
-    projector = projector_for(spec, p, model_id)
+    projector = projector_for(spec, p, model_id, adapter.module, names)
     meta = {**_store_meta(spec, model_id, set_name, p, ts, projector), "n": int(n),
             "k": int(projector.k)}
     if json.loads((directory / "meta.json").read_text()) != json.loads(
@@ -200,6 +251,7 @@ def featurize_many(
     batch_size: int = 16,
     progress: bool = True,
     shard: tuple[int, int] = (0, 1),
+    gradients: str = "vmap",
 ) -> dict[str, FeatureStore]:
     """:func:`featurize_into` for several output functions at once (one store each).
 
@@ -210,29 +262,32 @@ def featurize_many(
     completed, not rewritten. The features equal those of :func:`featurize_into` (same
     noise, timesteps, projection) to float rounding, and a resumed or sharded run
     (``shard=(i, N)``, as in :func:`featurize_into`) equals one uninterrupted run bit for bit.
+    ``gradients`` chooses the engine (``hooks``: one backward per output after one forward).
     """
+    _check_engine(gradients, spec)
     module = adapter.module
     module.eval()
     T = len(sched.alphas_cumprod)
     ts = spec.timesteps(T)
-    p = sum(n for _, n in param_order(module, selected_parameters(adapter)))
-    projector = projector_for(spec, p, model_id)  # the projection does not depend on f
+    names = selected_parameters(adapter)
+    p = sum(n for _, n in param_order(module, names))
+    projector = projector_for(spec, p, model_id, module, names)  # does not depend on f
     noise_seed = seed_from(spec.noise_seed, "set", set_name) % (2**62)
     stores = {o: FeatureStore(d, len(examples), projector.k,
                               _store_meta(replace(spec, output=o), model_id, set_name, p, ts,
                                           projector))
               for o, d in directories.items()}
     blocks = todo_blocks(list(stores.values()), batch_size, shard)
-    names = list(directories)  # always every output: a block's rounding never depends on
+    outs = list(directories)  # always every output: a block's rounding never depends on
     # which of its stores a killed run had already written
-    bar = tqdm(total=sum(len(b) for b in blocks), desc=f"features {set_name}/{'+'.join(names)}",
+    bar = tqdm(total=sum(len(b) for b in blocks), desc=f"features {set_name}/{'+'.join(outs)}",
                disable=not progress or not blocks, leave=False)
     for ids in blocks:
         x0, cond = adapter.prepare(examples[torch.as_tensor(ids)])
-        g = per_sample_gradients_multi(adapter, x0, torch.as_tensor(ids), names, ts, sched,
-                                       noise_seed, cond=cond)
-        for j, o in enumerate(names):
-            _write_missing(stores[o], ids, projector.project(g[j]))
+        feats = _features(adapter, gradients, projector, x0, torch.as_tensor(ids), outs, ts,
+                          sched, noise_seed, cond, None, multi=True)
+        for j, o in enumerate(outs):
+            _write_missing(stores[o], ids, feats[j])
         bar.update(len(ids))
     bar.close()
     return stores

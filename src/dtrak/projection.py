@@ -15,6 +15,10 @@ All are scaled so that ``E[<Pg, Ph>] = <g, h>``.
   coordinate, one in each of ``s`` bucket ranges. ``O(p s)`` per example.
 - :class:`IdentityProjector` (``none``): ``k = p``, the exact kernel ("k = infinity").
 - ``trak-cuda``: trak's CUDA projector when the optional ``trak`` package and CUDA exist.
+- :class:`KronProjector` (``kron``): a factored projection (as LoGra / FactGraSS): each
+  Linear / Conv2d weight's gradient ``[d_out, d_in]`` is mapped to ``A_out G A_in^T``, i.e.
+  ``(A_out (x) A_in) vec(G)``, which the hook engine forms from the projected layer inputs
+  and output gradients without materialising ``G`` (:mod:`dtrak.hooks`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,16 +38,31 @@ __all__ = [
     "PROJECTOR_KINDS",
     "DenseProjector",
     "IdentityProjector",
+    "KronLayer",
+    "KronProjector",
     "Projector",
     "SJLTProjector",
     "SRHTProjector",
     "TrakCudaProjector",
+    "kron_dims",
     "make_projector",
 ]
 
 log = logging.getLogger(__name__)
 
-PROJECTOR_KINDS = ("gaussian", "rademacher", "srht", "sjlt", "none", "trak-cuda")
+PROJECTOR_KINDS = ("gaussian", "rademacher", "srht", "sjlt", "none", "trak-cuda", "kron")
+
+
+def _on(projector: Projector, device: torch.device, *names: str) -> list[torch.Tensor]:
+    """The projector's seeded tensors ``names`` on ``device``, copied there once (at the
+    paper's p = 35.7M an SJLT's bucket table is 285 MB: not a copy to repeat per batch)."""
+    if device.type == "cpu":
+        return [getattr(projector, n) for n in names]
+    cache = projector.__dict__.setdefault("_device_copies", {})
+    for n in names:
+        if (n, device) not in cache:
+            cache[(n, device)] = getattr(projector, n).to(device)
+    return [cache[(n, device)] for n in names]
 
 
 class Projector(ABC):
@@ -206,7 +227,7 @@ class SRHTProjector(Projector):
         self.rows = torch.randperm(self.n, generator=gen)[:k].sort().values
 
     def _project(self, g: torch.Tensor) -> torch.Tensor:
-        signs, rows = self.signs.to(g.device), self.rows.to(g.device)
+        signs, rows = _on(self, g.device, "signs", "rows")
         out = []
         for lo in range(0, g.shape[0], self.batch_size):  # bounds memory: [batch, n] floats
             chunk = g[lo : lo + self.batch_size]
@@ -245,9 +266,10 @@ class SJLTProjector(Projector):
         return {**super().describe(), "s": self.s}
 
     def _project(self, g: torch.Tensor) -> torch.Tensor:
+        buckets, signs = _on(self, g.device, "buckets", "signs")
         out = torch.zeros((g.shape[0], self.k), dtype=torch.float32, device=g.device)
         for r in range(self.s):
-            out.index_add_(1, self.buckets[r].to(g.device), g * self.signs[r].to(g.device))
+            out.index_add_(1, buckets[r], g * signs[r])
         return out
 
 
@@ -297,13 +319,172 @@ class TrakCudaProjector(Projector):
         return (out.float() / math.sqrt(self.k)).to(g.device)
 
 
+@dataclass(frozen=True)
+class KronLayer:
+    """A weight whose per-example gradient is a sum of outer products (output grad x input).
+
+    Attributes:
+        weight: the weight's parameter name; its gradient is viewed as ``[d_out, d_in]``
+            (a Conv2d's ``[C_out, C_in, kh, kw]`` as ``[C_out, C_in kh kw]``, the order of
+            ``F.unfold``'s patches).
+        bias: the name of the layer's bias when it is attributed too (one more input column,
+            of ones), else None.
+        d_out: output size (features / channels).
+        d_in: input size without the bias column.
+    """
+
+    weight: str
+    bias: str | None
+    d_out: int
+    d_in: int
+
+    @property
+    def d_in_aug(self) -> int:
+        """Input size with the bias column."""
+        return self.d_in + (self.bias is not None)
+
+    @property
+    def numel(self) -> int:
+        """Gradient entries of the block (weight and bias)."""
+        return self.d_out * self.d_in_aug
+
+
+def kron_dims(proj_dim: int, layers: Sequence[KronLayer], p_rest: int
+              ) -> tuple[list[tuple[int, int]], int]:
+    """Per-layer ``(k_out, k_in)`` and the rest block's ``k_rest`` for a budget ``proj_dim``.
+
+    The rule: each block (every layer, and the rest: gradients not of a factored weight) gets
+    a share ``k_b = max(1, round(proj_dim * p_b / p))`` proportional to its gradient size
+    ``p_b``; a layer's share is split as ``k_out ~ k_in ~ sqrt(k_b)`` (``k_out = min(d_out,
+    ceil(sqrt(k_b)))``, then ``k_in = min(d_in + bias, max(1, round(k_b / k_out)))``, then
+    ``k_out`` re-fitted to ``k_b / k_in``); the rest keeps ``min(p_rest, k_b)``. The true
+    feature dimension, ``sum k_out k_in + k_rest``, is near ``proj_dim`` but not equal to it.
+    """
+    p = sum(layer.numel for layer in layers) + p_rest
+    dims = []
+    for layer in layers:
+        target = max(1, round(proj_dim * layer.numel / p))
+        k_out = min(layer.d_out, math.ceil(math.sqrt(target)))
+        k_in = min(layer.d_in_aug, max(1, round(target / k_out)))
+        k_out = min(layer.d_out, max(1, round(target / k_in)))
+        dims.append((k_out, k_in))
+    k_rest = min(p_rest, max(1, round(proj_dim * p_rest / p))) if p_rest else 0
+    return dims, k_rest
+
+
+class KronProjector(Projector):
+    """Factored (Kronecker) projection of per-layer gradients, as LoGra and FactGraSS.
+
+    For every :class:`KronLayer` ``l`` with per-example gradient ``G_l [d_out, d_in (+1)]``
+    (the bias as a last column), the features hold ``A_out G_l A_in^T`` flattened row-major
+    (``[k_out, k_in]``), with seeded random ``A_out [k_out, d_out]``, ``A_in [k_in, d_in+1]``
+    (entries ``N(0,1)/sqrt(rows)`` or ``+-1/sqrt(rows)``, drawn from
+    ``seed_from(seed, "kron", entries, model_id, weight name)``); every other gradient entry
+    (norm layers, embeddings, parameters of no factored layer) forms the rest block, projected
+    with a :class:`DenseProjector`. Features: the layer blocks in ``layers`` order, then the
+    rest. Since ``E[A^T A] = I`` for each independent factor, ``E[<Pg, Ph>] = <g, h>``.
+
+    ``project(g)`` applies the map to materialised gradients ``[B, p]`` (the reference); the
+    hook engine (:func:`dtrak.hooks.hook_gradients`) forms the same features from each
+    layer's projected inputs ``A_in x`` and output gradients ``A_out dy`` without ever
+    forming ``G_l``. ``k`` is the true dimension (:func:`kron_dims`), ``proj_dim`` the budget.
+
+    Args:
+        order: the flat gradient layout ``[(name, numel), ...]``
+            (:func:`dtrak.gradients.param_order`); ``p`` is its total.
+        layers: the factored weights (:func:`dtrak.hooks.kron_layers`).
+        entries: ``gaussian`` or ``rademacher``.
+    """
+
+    kind = "kron"
+
+    def __init__(self, p: int, k: int, seed: int = 0, model_id: int = 0,
+                 order: Sequence[tuple[str, int]] | None = None,
+                 layers: Sequence[KronLayer] | None = None, entries: str = "gaussian") -> None:
+        if order is None or layers is None:
+            raise ValueError(
+                "projector 'kron' needs the model's layer layout (order= and layers=); it is "
+                "built by featurization with attribution.gradients = 'hooks'")
+        if entries not in ("gaussian", "rademacher"):
+            raise ValueError(f"kron entries must be gaussian or rademacher, got {entries!r}")
+        if sum(n for _, n in order) != p:
+            raise ValueError(f"kron: the layout has {sum(n for _, n in order)} gradient "
+                             f"entries but p={p}")
+        super().__init__(p, k, seed, model_id)
+        self.proj_dim, self.entries = int(k), entries
+        self.order, self.layers = list(order), list(layers)
+        offsets, at = {}, 0
+        for name, numel in self.order:
+            offsets[name] = (at, numel)
+            at += numel
+        self._offsets = offsets
+        in_layers = {n for layer in self.layers for n in (layer.weight, layer.bias) if n}
+        unknown = sorted(in_layers - set(offsets))
+        if unknown:
+            raise ValueError(f"kron layers name parameters outside the layout: {unknown[:5]}")
+        self.rest_names = [n for n, _ in self.order if n not in in_layers]
+        p_rest = sum(offsets[n][1] for n in self.rest_names)
+        self.dims, k_rest = kron_dims(self.proj_dim, self.layers, p_rest)
+        self.factors = [self._factors(layer, ko, ki) for layer, (ko, ki) in
+                        zip(self.layers, self.dims, strict=True)]
+        self.rest = (DenseProjector(p_rest, k_rest, kind=entries, model_id=model_id,
+                                    seed=seed_from(seed, "kron-rest") % (2**62))
+                     if p_rest else None)
+        self.k = sum(ko * ki for ko, ki in self.dims) + k_rest
+
+    def _factors(self, layer: KronLayer, k_out: int, k_in: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_out [k_out, d_out], A_in [k_in, d_in + bias])`` float32, scaled."""
+        gen = torch.Generator().manual_seed(
+            seed_from(self.seed, "kron", self.entries, self.model_id, layer.weight))
+        mats = []
+        for rows, cols in ((k_out, layer.d_out), (k_in, layer.d_in_aug)):
+            if self.entries == "gaussian":
+                a = torch.randn((rows, cols), generator=gen)
+            else:
+                a = torch.rand((rows, cols), generator=gen).lt_(0.5).mul_(2).sub_(1)
+            mats.append(a.mul_(1.0 / math.sqrt(rows)))
+        return mats[0], mats[1]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "proj_dim": self.proj_dim, "entries": self.entries,
+                "dims": [list(d) for d in self.dims],
+                "k_rest": self.rest.k if self.rest is not None else 0}
+
+    def columns(self, g: torch.Tensor, name: str) -> torch.Tensor:
+        """The entries of parameter ``name`` in gradients ``[B, p]``: ``[B, numel]``."""
+        lo, numel = self._offsets[name]
+        return g[:, lo : lo + numel]
+
+    def assemble(self, blocks: Sequence[torch.Tensor], rest: torch.Tensor | None
+                 ) -> torch.Tensor:
+        """Features ``[B, k]`` float32 from the projected layer blocks ``[B, k_out, k_in]``
+        (``layers`` order) and the rest block's exact gradients ``[B, p_rest]``
+        (``rest_names`` order, None when there is none)."""
+        parts = [b.reshape(b.shape[0], -1).float() for b in blocks]
+        if self.rest is not None:
+            parts.append(self.rest.project(rest))
+        return torch.cat(parts, dim=1)
+
+    def _project(self, g: torch.Tensor) -> torch.Tensor:
+        blocks = []
+        for layer, (a_out, a_in) in zip(self.layers, self.factors, strict=True):
+            G = self.columns(g, layer.weight).reshape(-1, layer.d_out, layer.d_in)
+            if layer.bias is not None:
+                G = torch.cat([G, self.columns(g, layer.bias).unsqueeze(2)], dim=2)
+            blocks.append(a_out.to(g.device) @ G @ a_in.to(g.device).T)
+        rest = (torch.cat([self.columns(g, n) for n in self.rest_names], dim=1)
+                if self.rest_names else None)
+        return self.assemble(blocks, rest)
+
+
 def make_projector(kind: str, p: int, k: int, seed: int = 0, model_id: int = 0,
                    **options: Any) -> Projector:
     """Build a projector by name (:data:`PROJECTOR_KINDS`); ``options`` go to its class."""
     if kind in ("gaussian", "rademacher"):
         return DenseProjector(p, k, kind=kind, seed=seed, model_id=model_id, **options)
     classes = {"srht": SRHTProjector, "sjlt": SJLTProjector, "none": IdentityProjector,
-               "trak-cuda": TrakCudaProjector}
+               "trak-cuda": TrakCudaProjector, "kron": KronProjector}
     if kind not in classes:
         known = ", ".join(PROJECTOR_KINDS)
         raise ValueError(f"unknown projector kind {kind!r}; use one of {known}")

@@ -172,7 +172,8 @@ class Context:
                 self.examples(set_name) if examples is None else examples,
                 self.feature_dir(model_id, set_name, spec.name), spec, self.sched,
                 model_id, set_name, batch_size=self.cfg.attribution.batch_size,
-                timestep_values=timestep_values, progress=self.progress)
+                timestep_values=timestep_values, progress=self.progress,
+                gradients=self.cfg.attribution.gradients)
             self._features[key] = store.load()
         return self._features[key]
 
@@ -190,7 +191,8 @@ class Context:
         if todo:  # one pass for all outputs, also for one: the same rounding as shards
             featurize_many(self.adapter(model_id), self.examples(set_name), todo,
                            self.spec(outputs[0]), self.sched, model_id, set_name,
-                           batch_size=self.cfg.attribution.batch_size, progress=self.progress)
+                           batch_size=self.cfg.attribution.batch_size, progress=self.progress,
+                           gradients=self.cfg.attribution.gradients)
         return {o: self.features(set_name, o, model_id=model_id) for o in outputs}
 
     def solver(self, output: str, model_id: str = "full") -> scoring.KernelSolver:

@@ -53,7 +53,7 @@ def featurize_shard(run: Run, shard: tuple[int, int], sets: list[str] | None = N
             ctx.adapter(), ctx.examples(set_name),
             {o: run.paths.features("full", set_name, sp.name) for o, sp in specs.items()},
             specs[outputs[0]], ctx.sched, "full", set_name, run.cfg.attribution.batch_size,
-            progress=run.progress, shard=shard)
+            progress=run.progress, shard=shard, gradients=run.cfg.attribution.gradients)
         for o, store in stores.items():
             left[f"{set_name}/{specs[o].name}"] = int((store.done == 0).sum())
     return {"shard": f"{shard[0]}/{shard[1]}", "examples_left_in_store": left}

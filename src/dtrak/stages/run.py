@@ -60,7 +60,8 @@ _DEPENDENTS = {
 # does not make a run's saved outputs stale.
 RESULT_NEUTRAL_KEYS = frozenset({
     "name", "stages", "attribution.methods", "attribution.targets",
-    "attribution.batch_size", "attribution.clip_path", "sampling.batch_size",
+    "attribution.batch_size", "attribution.gradients", "attribution.clip_path",
+    "sampling.batch_size",
     "counterfactual.methods", "runtime.device", "runtime.executor", "runtime.workers",
     "runtime.threads", "runtime.ray_address", "runtime.num_cpus", "runtime.num_gpus",
 })
