@@ -4,8 +4,8 @@ Layers, lowest first; a module may import its own layer and those below, never a
 
 0. foundation: config, paths, seeding, runtime, artefacts
 1. data and models: data, images, figures, clip, sampling, families, train
-2. engine: noise, outputs, gradients, projection, store, featurize, farm, ray_executor
-3. math: scoring, lds, lambdas
+2. engine: noise, outputs, gradients, hooks, projection, store, featurize, farm, ray_executor
+3. math: scoring, streaming, lds, lambdas
 4. methods
 5. stages
 6. report and CLI: report, pipeline, cli
@@ -24,9 +24,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dtrak"
 LAYERS = [
     {"config", "paths", "seeding", "runtime", "artefacts"},
     {"data", "images", "figures", "clip", "sampling", "families", "train"},
-    {"noise", "outputs", "gradients", "projection", "store", "featurize", "farm",
+    {"noise", "outputs", "gradients", "hooks", "projection", "store", "featurize", "farm",
      "ray_executor"},
-    {"scoring", "lds", "lambdas"},
+    {"scoring", "streaming", "lds", "lambdas"},
     {"methods"},
     {"stages"},
     {"report", "pipeline", "cli", "__init__"},

@@ -263,16 +263,21 @@ def counterfactual_cmd(config, out, overrides, overwrite, quiet, methods, worker
               help="training-feature cache (default ~/.cache/dtrak/attribute)")
 @click.option("--device", default="auto", show_default=True,
               help="auto (CUDA when present), cpu, cuda or cuda:N")
+@click.option("--stream", is_flag=True,
+              help="score by one pass over the training features on disk (memory "
+                   "O(k^2 + block) whatever the training set's size; the kernel is "
+                   "factorised once and cached)")
 @click.option("--quiet", "-q", is_flag=True)
 @_friendly
 def attribute_cmd(images, model_dir, scheduler, run_dir, data, target_class, output_fn,
-                  n_timesteps, proj_dim, projector, k, out_dir, cache_dir, device, quiet):
+                  n_timesteps, proj_dim, projector, k, out_dir, cache_dir, device, stream,
+                  quiet):
     """Which training images made IMAGE? Top proponents and opponents, printed and as PNG."""
     get_output(output_fn)
     spec = attribution_spec(output_fn, n_timesteps, proj_dim, projector, run=run_dir)
     results = attribute_images(model_dir, data, list(images), spec, cache_dir=cache_dir,
                                progress=not quiet, device=device, scheduler=scheduler,
-                               run=run_dir, target_class=target_class)
+                               run=run_dir, target_class=target_class, stream=stream)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     first = results[0]

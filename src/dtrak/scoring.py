@@ -37,10 +37,13 @@ import torch
 
 __all__ = [
     "KernelSolver",
+    "as_matrix",
+    "check_lambda",
     "choose_form",
     "cosine_scores",
     "datamodel_scores",
     "dot_scores",
+    "eigh_gram",
     "empirical_influence",
     "ensemble_average",
     "random_scores",
@@ -59,7 +62,7 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 
 
-def _as_matrix(x: np.ndarray, name: str, dtype: type = np.float64) -> np.ndarray:
+def as_matrix(x: np.ndarray, name: str, dtype: type = np.float64) -> np.ndarray:
     """Check that ``x`` is a finite 2-D array and return it as ``dtype``."""
     arr = np.asarray(x)
     if arr.ndim != 2:
@@ -72,7 +75,7 @@ def _as_matrix(x: np.ndarray, name: str, dtype: type = np.float64) -> np.ndarray
     return arr
 
 
-def _check_lam(lam: float) -> float:
+def check_lambda(lam: float) -> float:
     lam = float(lam)
     if not np.isfinite(lam) or lam < 0:
         raise ValueError(f"lambda must be a finite number >= 0, got {lam!r}")
@@ -93,7 +96,7 @@ def choose_form(n: int, k: int) -> str:
     return "primal" if k <= n else "dual"
 
 
-def _eigh(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def eigh_gram(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric eigendecomposition of a finite float64 Gram (overwritten to save memory).
 
     Divide and conquer (``driver="evd"``): its time does not depend on the spectrum, whereas
@@ -106,9 +109,9 @@ def _eigh(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _factorise(phi: np.ndarray, form: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Eigenvalues and the bases ``(A, B)`` of the Gram (SciPy, float64, on the CPU)."""
     if form == "primal":
-        evals, vecs = _eigh(phi.T @ phi)
+        evals, vecs = eigh_gram(phi.T @ phi)
         return evals, vecs, phi @ vecs
-    evals, vecs = _eigh(phi @ phi.T)
+    evals, vecs = eigh_gram(phi @ phi.T)
     return evals, phi.T @ vecs, vecs
 
 
@@ -150,7 +153,7 @@ class KernelSolver:
 
     def __init__(self, train_features: np.ndarray, form: str = "auto",
                  device: str | torch.device | None = None) -> None:
-        phi = _as_matrix(train_features, "train_features")
+        phi = as_matrix(train_features, "train_features")
         if form not in ("auto", "primal", "dual"):
             raise ValueError(f"unknown form {form!r}; use 'auto', 'primal' or 'dual'")
         self.n, self.k = phi.shape
@@ -176,7 +179,7 @@ class KernelSolver:
 
     def _inverse_spectrum(self, lam: float) -> np.ndarray:
         """``1 / (S + lam)`` as ``[r]``; refuses lam == 0 on a singular Gram."""
-        lam = _check_lam(lam)
+        lam = check_lambda(lam)
         if lam == 0 and not self.full_rank:
             n_zero = int(np.sum(self.eigenvalues <= self._tol))
             raise ValueError(
@@ -191,7 +194,7 @@ class KernelSolver:
 
         Compute it once and pass it to :meth:`scores_from_projection` to score many lambdas.
         """
-        phi_x = _as_matrix(target_features, "target_features")
+        phi_x = as_matrix(target_features, "target_features")
         if phi_x.shape[1] != self.k:
             raise ValueError(
                 f"target_features have {phi_x.shape[1]} features but the training features "
@@ -301,9 +304,9 @@ def solve_reference(
 
     ``[N, k], [M, k] -> [M, N]`` float32. Plain and slow on purpose (one k x k solve).
     """
-    phi = _as_matrix(train_features, "train_features")
-    phi_x = _as_matrix(target_features, "target_features")
-    lam = _check_lam(lam)
+    phi = as_matrix(train_features, "train_features")
+    phi_x = as_matrix(target_features, "target_features")
+    lam = check_lambda(lam)
     gram = phi.T @ phi + lam * np.eye(phi.shape[1])
     return (np.linalg.solve(gram, phi_x.T).T @ phi.T).astype(np.float32)
 
@@ -347,16 +350,16 @@ _SIMILARITY_SIGN = (
 
 def dot_scores(target_features: np.ndarray, train_features: np.ndarray) -> np.ndarray:
     """``[M, d], [N, d] -> [M, N]`` float32 dot products (pixels, CLIP, loss gradients)."""
-    a = _as_matrix(target_features, "target_features")
-    b = _as_matrix(train_features, "train_features")
+    a = as_matrix(target_features, "target_features")
+    b = as_matrix(train_features, "train_features")
     _same_width(a, b)
     return (a @ b.T).astype(np.float32)
 
 
 def cosine_scores(target_features: np.ndarray, train_features: np.ndarray) -> np.ndarray:
     """``[M, d], [N, d] -> [M, N]`` float32 cosine similarities (zero rows give 0)."""
-    a = _as_matrix(target_features, "target_features")
-    b = _as_matrix(train_features, "train_features")
+    a = as_matrix(target_features, "target_features")
+    b = as_matrix(train_features, "train_features")
     _same_width(a, b)
     return (_unit_rows(a) @ _unit_rows(b).T).astype(np.float32)
 
@@ -415,7 +418,7 @@ def renormalized_influence(
     if train_features is None:
         norms = solver.feature_norms()
     else:
-        phi = _as_matrix(train_features, "train_features")
+        phi = as_matrix(train_features, "train_features")
         if phi.shape != (solver.n, solver.k):
             raise ValueError(
                 f"train_features has shape {phi.shape} but the solver was built on "
@@ -444,7 +447,7 @@ def ensemble_average(score_matrices: Sequence[np.ndarray]) -> np.ndarray:
 
 def _check_masks_outputs(masks: np.ndarray, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     masks = np.asarray(masks)
-    outputs = _as_matrix(outputs, "outputs")
+    outputs = as_matrix(outputs, "outputs")
     if masks.ndim != 2 or masks.dtype != bool:
         raise ValueError(
             f"masks must be a bool array [models, N], got {masks.dtype} {masks.shape}; "

@@ -47,6 +47,8 @@ from ..outputs import get_output
 from ..paths import RunPaths
 from ..runtime import resolve_device
 from ..scoring import KernelSolver
+from ..store import FeatureStore
+from ..streaming import StreamingKernel, stream_scores
 from .run import open_run
 
 log = logging.getLogger(__name__)
@@ -336,6 +338,15 @@ def _run_lambda(run: Path, spec: FeatureSpec) -> tuple[float, str] | None:
     return None
 
 
+def _streamed_scores(store: FeatureStore, targets: np.ndarray, rel: float,
+                     directory: Path) -> np.ndarray:
+    """Scores ``[T, N]`` float32 by one pass over ``store`` with its cached factorisation."""
+    kernel = StreamingKernel.prepare(store, directory)
+    out = np.empty((len(targets), store.n), dtype=np.float32)
+    stream_scores(kernel, store, targets, rel * kernel.trace_scale, out=out)
+    return out
+
+
 def attribute_images(
     model_dir: str | Path | None,
     data: str | Path | None,
@@ -350,6 +361,7 @@ def attribute_images(
     scheduler: str | Path | None = None,
     run: str | Path | None = None,
     target_class: str | None = None,
+    stream: bool = False,
 ) -> list[Attribution]:
     """Score every training image for each image in ``images``.
 
@@ -372,6 +384,10 @@ def attribute_images(
         run: a dtrak run directory instead of ``model_dir``.
         target_class: the class of every target (a class name or index), for a
             class-conditional model whose targets are not in class folders.
+        stream: score by one pass over the training features on disk
+            (:mod:`dtrak.streaming`) instead of an in-memory solver: memory O(k^2 + block)
+            whatever N, the kernel factorised once and cached beside the features; the same
+            scores to float64 rounding.
     """
     source = resolve_model(model_dir, scheduler, run, model_cfg)
     spec = spec or attribution_spec(run=run)
@@ -391,8 +407,8 @@ def attribute_images(
     target = _target_set(images, res, ch, train.class_names, target_class)
     phi_train, model_id = None, "attribute"
     if run is not None and data is None:  # the run's own finished training features
-        phi_train = finished_features(adapter, len(train.images),
-                                      RunPaths(run).features("full", "train", spec.name), spec,
+        run_features = RunPaths(run).features("full", "train", spec.name)
+        phi_train = finished_features(adapter, len(train.images), run_features, spec,
                                       sched, "full", "train")
         model_id = "attribute" if phi_train is None else "full"
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -402,26 +418,34 @@ def attribute_images(
     if train.labels is not None:
         extra["labels"] = train.labels.tolist()
     key = _fingerprint(source.model_dir, train.images, spec, source.family, sched.betas, extra)
+    engine = "hooks" if spec.projector == "kron" else "vmap"  # equal to rounding otherwise
     if phi_train is None:
         store = featurize_into(adapter, train.examples(), cache / key / "train", spec, sched,
-                               model_id, "train", batch_size=batch_size, progress=progress)
-        phi_train = store.load()
+                               model_id, "train", batch_size=batch_size, progress=progress,
+                               gradients=engine)
+        phi_train = None if stream else store.load()
+    elif stream:  # the run's finished store, read block by block
+        store, phi_train = FeatureStore.open(run_features), None
     # targets: a throwaway store per call (targets are few; the training set is the cost)
     th = hashlib.blake2b(target.images.numpy().tobytes(), digest_size=10)
     if target.labels is not None:
         th.update(target.labels.numpy().tobytes())
     tstore = featurize_into(adapter, target.examples(),
                             cache / key / f"targets-{model_id}-{th.hexdigest()}", spec, sched,
-                            model_id, "targets", batch_size=batch_size, progress=False)
-    on = resolve_device(device)
-    solver = KernelSolver(phi_train, device=None if on.type == "cpu" else on)
+                            model_id, "targets", batch_size=batch_size, progress=False,
+                            gradients=engine)
     if lam_rel is not None:
         rel, lam_from = lam_rel, "given"
     elif run is not None and (chosen := _run_lambda(Path(run), spec)) is not None:
         rel, lam_from = chosen
     else:
         rel, lam_from = prior_lambda_rel(spec.output), f"the prior for {spec.output}"
-    scores = solver.scores(tstore.load(), rel * solver.trace_scale)
+    if stream:
+        scores = _streamed_scores(store, tstore.load(), rel, cache / key / f"kernel-{model_id}")
+    else:
+        on = resolve_device(device)
+        solver = KernelSolver(phi_train, device=None if on.type == "cpu" else on)
+        scores = solver.scores(tstore.load(), rel * solver.trace_scale)
     names = target.class_names
     return [Attribution(p, s, train.paths, train.images,
                         target_class=None if names is None else names[int(lab)],
