@@ -185,3 +185,19 @@ def test_progress_of_another_store_is_not_used(tmp_path):
     streaming._save_progress(tmp_path / "k", a, 16, np.full((4, 4), 7.0))
     gram = accumulate_gram(b, tmp_path / "k", block_rows=8)
     np.testing.assert_allclose(gram, 4 * phi.astype(np.float64).T @ phi, rtol=1e-12)
+
+
+def test_streamed_lds_sweep_equals_the_in_memory_one(tmp_path):
+    phi = _features(n=53, k=6)
+    rng = np.random.default_rng(3)
+    targets = rng.standard_normal((4, 6))
+    masks = rng.random((7, 53)) < 0.5
+    lams = [0.01, 0.3, 5.0]
+    store = _sharded(tmp_path, phi)
+    kernel = StreamingKernel.prepare(store, tmp_path / "k", block_rows=8)
+    got = streaming.stream_predicted_outputs_sweep(kernel, store, targets, lams, masks,
+                                                   block_rows=8)
+    want = KernelSolver(phi, form="primal").predicted_outputs_sweep(targets, lams, masks)
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-8 * np.abs(want).max())
+    with pytest.raises(ValueError, match="masks must be bool"):
+        streaming.stream_predicted_outputs_sweep(kernel, store, targets, lams, masks[:, :9])

@@ -33,7 +33,8 @@ import scipy.linalg
 from .artefacts import digest, load_npy, save_json, save_npy
 from .scoring import as_matrix, check_lambda, eigh_gram
 
-__all__ = ["StreamingKernel", "TopK", "accumulate_gram", "stream_scores", "top_from_scores"]
+__all__ = ["StreamingKernel", "TopK", "accumulate_gram", "stream_predicted_outputs_sweep",
+           "stream_scores", "top_from_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +222,8 @@ class StreamingKernel:
     def full_rank(self) -> bool:
         return bool(self.eigenvalues[0] > self._tol)
 
-    def _inverse_spectrum(self, lam: float) -> np.ndarray:
+    def inverse_spectrum(self, lam: float) -> np.ndarray:
+        """``1 / (S + lam)`` as ``[k]``; refuses lam == 0 on a singular Gram."""
         lam = check_lambda(lam)
         if lam == 0 and not self.full_rank:
             raise ValueError(
@@ -237,7 +239,7 @@ class StreamingKernel:
                 f"target_features have {phi_x.shape[1]} features but the training features "
                 f"have {self.k}; featurize targets and training set with the same projector")
         v = self.eigenvectors
-        return v @ ((phi_x @ v) * self._inverse_spectrum(lam)).T
+        return v @ ((phi_x @ v) * self.inverse_spectrum(lam)).T
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,3 +328,33 @@ def stream_scores(kernel: StreamingKernel, store: BlockStore, target_features: n
     if high is None:
         return None
     return TopK(high.ids, high.values, low.ids, -low.values)
+
+
+def stream_predicted_outputs_sweep(kernel: StreamingKernel, store: BlockStore,
+                                   target_features: np.ndarray, lams: list[float],
+                                   masks: np.ndarray, block_rows: int = BLOCK_ROWS
+                                   ) -> np.ndarray:
+    """LDS predictions at every lambda from one pass over the store: ``[L, M, T]`` float64.
+
+    Equal to :meth:`dtrak.scoring.KernelSolver.predicted_outputs_sweep` (primal form): the
+    pass accumulates ``masks @ Phi`` (``[M, k]``, float64), after which each lambda costs
+    ``M x k x T``; no score matrix and no ``Phi`` in memory.
+    """
+    masks = np.asarray(masks)
+    if masks.ndim != 2 or masks.dtype != bool or masks.shape[1] != store.n:
+        raise ValueError(f"masks must be bool [M subsets, N={store.n}], got {masks.dtype} "
+                         f"{masks.shape}; use dtrak.lds.subset_masks on the same training set")
+    if store.k != kernel.k or store.n != kernel.n:
+        raise ValueError(f"the kernel was factorised for N={kernel.n}, k={kernel.k} but the "
+                         f"store holds N={store.n}, k={store.k}; prepare it for this store")
+    phi_x = as_matrix(target_features, "target_features")
+    subset_sums = np.zeros((masks.shape[0], store.k))
+    widen = _Widen()
+    for start, stop, block in store.blocks(block_rows):
+        subset_sums += masks[:, start:stop].astype(np.float64) @ widen(block)
+    v = kernel.eigenvectors
+    basis, projected = subset_sums @ v, phi_x @ v  # [M, k], [T, k]
+    out = np.empty((len(lams), masks.shape[0], phi_x.shape[0]))
+    for i, lam in enumerate(lams):
+        out[i] = -((basis * kernel.inverse_spectrum(lam)) @ projected.T)
+    return out
