@@ -153,7 +153,8 @@ def _methods_override(methods: tuple[str, ...]) -> list[str]:
               help="comma-separated sets: train, val, gen (default: train + the config's)")
 @click.option("--shards", type=int, default=None, metavar="N",
               help="split the work into N shard jobs run by the run's executor "
-                   "(runtime.executor, runtime.workers)")
+                   "(runtime.executor, runtime.workers); with attribution.store_shard_rows "
+                   "each job fills whole store shards, its own files")
 @_friendly
 def featurize_cmd(config, out, overrides, overwrite, quiet, shard, outputs, sets, shards):
     """Projected per-sample gradient features of the training and target sets."""

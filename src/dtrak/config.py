@@ -213,6 +213,10 @@ class AttributionConfig:
     proj_seed: int = _help("projection seed", 0)
     noise_seed: int = _help("seed of the per-(example, timestep) noise", 0)
     batch_size: int = _help("examples per gradient batch (results do not depend on it)", 16)
+    store_shard_rows: int | None = _help(
+        "rows per shard of new feature stores (a multiple of batch_size): each shard its own "
+        "folder of files, and `dtrak featurize --shards N` gives every worker whole shards; "
+        "None: one file per store. Features do not depend on it", None)
     methods: tuple[str, ...] = _help("score methods to compute", ("trak", "dtrak"))
     lambdas: str = _help(
         "lambda grid: paper ({1,2,5} x 10^-2..10^6, absolute) or relative "
@@ -240,6 +244,13 @@ class AttributionConfig:
                "kron projects each layer's inputs and output gradients, which only the hook "
                "engine sees: set attribution.gradients = 'hooks'")
         _check(self.batch_size >= 1, "attribution.batch_size", "must be >= 1")
+        rows = self.store_shard_rows
+        _check(rows is None or (rows >= 1 and rows % self.batch_size == 0),
+               "attribution.store_shard_rows",
+               f"must be a positive multiple of attribution.batch_size ({self.batch_size}) so "
+               f"that no gradient batch spans two shards, got {rows}; use e.g. "
+               f"{self.batch_size * max(1, round((rows or 1) / self.batch_size))}, or omit it "
+               "for one file per store")
         _check(self.n_targets is None or self.n_targets >= 1, "attribution.n_targets",
                "must be >= 1 (or omitted: every target)")
         _check(self.lambdas in ("paper", "relative"), "attribution.lambdas",

@@ -5,6 +5,9 @@ The core, :func:`featurize_into`, works on any :class:`~dtrak.gradients.Diffusio
 and tensor of examples; :func:`FeatureSpec` names what was computed, and the store refuses
 to mix features made with other settings. Work goes in batches of missing examples, so a
 killed run resumes, and ``shard=(i, N)`` lets N workers fill one store at once.
+``shard_rows`` puts a new store's rows into shards of that many rows
+(:class:`~dtrak.store.ShardedStore`; None: one file); the workers then take whole store
+shards, each writing only its own shard files. Layout and sharding never change a feature.
 
 ``gradients`` chooses the per-sample gradient engine: ``vmap`` (:mod:`dtrak.gradients`, the
 reference) or ``hooks`` (:mod:`dtrak.hooks`, one batched backward). They agree to float
@@ -38,7 +41,7 @@ from .hooks import hook_gradients, kron_layers
 from .noise import ScheduleConstants, timesteps
 from .projection import KronProjector, Projector, make_projector
 from .seeding import seed_from
-from .store import FeatureStore
+from .store import FeatureStore, ShardedStore, make_store
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +137,8 @@ def featurize_into(
     overwrite: bool = False,
     progress: bool = True,
     gradients: str = "vmap",
-) -> FeatureStore:
+    shard_rows: int | None = None,
+) -> FeatureStore | ShardedStore:
     """Compute the features of ``examples`` into the store at ``directory``.
 
     Args:
@@ -152,6 +156,8 @@ def featurize_into(
             sets never share noise draws.
         timestep_values: explicit timesteps ``[K]`` (overrides ``spec``'s schedule).
         gradients: the per-sample gradient engine, ``vmap`` or ``hooks`` (see the module).
+        shard_rows: rows per shard of a new store (a multiple of ``batch_size``), or None
+            for one file; a store already at ``directory`` keeps its layout.
     Returns:
         The store (``.load()`` gives the ``[N, k]`` features once complete).
     """
@@ -165,9 +171,10 @@ def featurize_into(
     projector = projector_for(spec, p, model_id, module, names)
     noise_seed = seed_from(spec.noise_seed, "set", set_name) % (2**62)
     meta = _store_meta(spec, model_id, set_name, p, ts, projector)
-    store = FeatureStore(directory, len(examples), projector.k, meta, overwrite=overwrite)
+    store = make_store(directory, len(examples), projector.k, meta, shard_rows, overwrite)
     blocks = todo_blocks([store], batch_size, shard)
-    bar = tqdm(total=int(sum((store.done[b] == 0).sum() for b in blocks)),
+    missing = store.missing_mask()
+    bar = tqdm(total=int(sum(missing[b].sum() for b in blocks)),
                desc=f"features {set_name}/{spec.name}",
                disable=not progress or not blocks, leave=False)
     for ids in blocks:
@@ -199,42 +206,63 @@ def finished_features(
     settings (what :func:`featurize_into` would write there), read without writing; None when
     there is no such store (missing, unfinished or made otherwise)."""
     directory = Path(directory)
-    if not ((directory / "meta.json").is_file() and (directory / "done.npy").is_file()):
+    if not (directory / "meta.json").is_file():
         return None
+    saved = json.loads((directory / "meta.json").read_text())
     ts = spec.timesteps(len(sched.alphas_cumprod))
     names = selected_parameters(adapter)
     p = sum(k for _, k in param_order(adapter.module, names))
     projector = projector_for(spec, p, model_id, adapter.module, names)
     meta = {**_store_meta(spec, model_id, set_name, p, ts, projector), "n": int(n),
             "k": int(projector.k)}
-    if json.loads((directory / "meta.json").read_text()) != json.loads(
-            json.dumps(meta, sort_keys=True)):
+    if "shard_rows" in saved:  # either layout holds the same features
+        meta["shard_rows"] = saved["shard_rows"]
+    if saved != json.loads(json.dumps(meta, sort_keys=True)):
         return None
-    if not load_npy(directory / "done.npy", (int(n),), np.uint8).all():
-        return None
-    return load_npy(directory / "features.npy", (int(n), int(projector.k)), np.float32)
+    return _read_finished(directory, int(n), int(projector.k), "shard_rows" in saved)
 
 
-def todo_blocks(stores: list[FeatureStore], batch_size: int,
+def _read_finished(directory: Path, n: int, k: int, sharded: bool) -> np.ndarray | None:
+    """The ``[n, k]`` features of the store at ``directory`` if complete, else None."""
+    if sharded:
+        store = ShardedStore.open(directory)
+        return store.load() if store.complete else None
+    if not ((directory / "done.npy").is_file()
+            and load_npy(directory / "done.npy", (n,), np.uint8).all()):
+        return None
+    return load_npy(directory / "features.npy", (n, k), np.float32)
+
+
+def todo_blocks(stores: list[FeatureStore | ShardedStore], batch_size: int,
                 shard: tuple[int, int] = (0, 1)) -> list[np.ndarray]:
     """The batches of example ids still to compute: fixed blocks ``[b*B, (b+1)*B)`` of the
-    whole set (shard ``(i, N)`` takes the blocks with ``b % N == i``) that miss a row in any
-    of ``stores``. An example is always computed in the same batch, whatever the sharding
-    and however often the run was killed and resumed, so the features are bit for bit those
-    of one uninterrupted run (batched float kernels round by batch composition)."""
-    i, n_shards = shard
+    whole set that miss a row in any of ``stores``. Shard ``(i, N)`` takes the blocks with
+    ``b % N == i``, or, when every store is sharded alike (:func:`_worker_rows`), the
+    blocks in the store shards ``s`` with ``s % N == i``. An example is always computed in
+    the same batch, whatever the sharding, the store layout and however often the run was
+    killed and resumed, so the features are bit for bit those of one uninterrupted run
+    (batched float kernels round by batch composition)."""
+    i, n_workers = shard
     n = stores[0].n
     missing = np.zeros(n, dtype=bool)
     for st in stores:
-        missing |= np.asarray(st.done) == 0
-    starts = range(0, n, batch_size)
-    return [np.arange(lo, min(lo + batch_size, n)) for b, lo in enumerate(starts)
-            if b % n_shards == i and missing[lo:lo + batch_size].any()]
+        missing |= st.missing_mask()
+    unit = _worker_rows(stores, batch_size)
+    return [np.arange(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)
+            if (lo // unit) % n_workers == i and missing[lo:lo + batch_size].any()]
 
 
-def _write_missing(store: FeatureStore, ids: np.ndarray, feats: torch.Tensor) -> int:
+def _worker_rows(stores: list[FeatureStore | ShardedStore], batch_size: int) -> int:
+    """The rows a worker takes at a time: one store shard when all ``stores`` have shards of
+    the same size (each worker then writes its own shard files), else one block."""
+    rows = {st.shard_rows for st in stores}
+    return rows.pop() if len(rows) == 1 and None not in rows else batch_size
+
+
+def _write_missing(store: FeatureStore | ShardedStore, ids: np.ndarray,
+                   feats: torch.Tensor) -> int:
     """Write the rows of ``ids`` that ``store`` lacks (rows it holds are kept); their count."""
-    keep = np.asarray(store.done[ids]) == 0
+    keep = ~store.done_rows(ids)
     if keep.any():
         store.write(ids[keep], feats[torch.as_tensor(keep)].float().cpu().numpy())
     return int(keep.sum())
@@ -252,7 +280,8 @@ def featurize_many(
     progress: bool = True,
     shard: tuple[int, int] = (0, 1),
     gradients: str = "vmap",
-) -> dict[str, FeatureStore]:
+    shard_rows: int | None = None,
+) -> dict[str, FeatureStore | ShardedStore]:
     """:func:`featurize_into` for several output functions at once (one store each).
 
     ``directories`` maps output names to store directories; ``spec`` gives everything but
@@ -262,7 +291,8 @@ def featurize_many(
     completed, not rewritten. The features equal those of :func:`featurize_into` (same
     noise, timesteps, projection) to float rounding, and a resumed or sharded run
     (``shard=(i, N)``, as in :func:`featurize_into`) equals one uninterrupted run bit for bit.
-    ``gradients`` chooses the engine (``hooks``: one backward per output after one forward).
+    ``gradients`` chooses the engine (``hooks``: one backward per output after one forward);
+    ``shard_rows`` the layout of new stores (as in :func:`featurize_into`).
     """
     _check_engine(gradients, spec)
     module = adapter.module
@@ -273,9 +303,9 @@ def featurize_many(
     p = sum(n for _, n in param_order(module, names))
     projector = projector_for(spec, p, model_id, module, names)  # does not depend on f
     noise_seed = seed_from(spec.noise_seed, "set", set_name) % (2**62)
-    stores = {o: FeatureStore(d, len(examples), projector.k,
-                              _store_meta(replace(spec, output=o), model_id, set_name, p, ts,
-                                          projector))
+    stores = {o: make_store(d, len(examples), projector.k,
+                            _store_meta(replace(spec, output=o), model_id, set_name, p, ts,
+                                        projector), shard_rows)
               for o, d in directories.items()}
     blocks = todo_blocks(list(stores.values()), batch_size, shard)
     outs = list(directories)  # always every output: a block's rounding never depends on

@@ -12,6 +12,9 @@ Run directory layout::
     RUN/gen/png/000000.png ..., grid.png  the same as PNG files
     RUN/features/<model>/<targets>/<feat>/features.npy, done.npy, meta.json
                                           projected gradient features [N, k] (see dtrak.store)
+    RUN/features/<model>/<targets>/<feat>/meta.json, shard-<SSSSS>/features.npy, done.npy,
+                                          meta.json: the same, sharded by
+                                          attribution.store_shard_rows (rows per shard)
     RUN/scores/<method>/<targets>.npy     score matrix [targets, train] (+ .json metadata)
     RUN/lds/masks.npy                     subset inclusion masks [M, N] (bool)
     RUN/lds/models/m<MMM>-s<S>/           one retrained model per (subset, seed)

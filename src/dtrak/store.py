@@ -14,6 +14,8 @@ A store whose metadata differs from the caller's refuses to mix, naming the keys
 A training set too large for one file goes into a :class:`ShardedStore`: consecutive rows
 split into shards, each shard a :class:`FeatureStore` of its own (memmap, done mask,
 metadata) under one top-level ``meta.json``, so independent workers fill one shard each.
+:func:`make_store` creates either kind (an existing store keeps its own layout), and
+:func:`open_store` opens either.
 Both kinds of store are read back in blocks of rows (:meth:`FeatureStore.blocks`,
 :meth:`ShardedStore.blocks`) by plain file reads: nothing stays mapped, so a pass over
 a store of any size holds one block in memory (what :mod:`dtrak.streaming` relies on).
@@ -34,7 +36,7 @@ from .artefacts import DamagedArtefactError, create_npy, open_npy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureStore", "ShardedStore", "StoreMismatchError", "open_store",
+__all__ = ["FeatureStore", "ShardedStore", "StoreMismatchError", "make_store", "open_store",
            "parse_shard", "read_rows"]
 
 
@@ -137,6 +139,8 @@ def _file_blocks(path: Path, k: int, n: int, block_rows: int, offset: int, start
 class FeatureStore:
     """Create or open the store at ``directory`` for ``n`` examples of dimension ``k``."""
 
+    shard_rows: int | None = None  # one file, no shards (see ShardedStore)
+
     def __init__(self, directory: str | Path, n: int, k: int, meta: dict,
                  overwrite: bool = False) -> None:
         self.directory = Path(directory)
@@ -178,6 +182,14 @@ class FeatureStore:
         i, n = shard
         ids = np.flatnonzero(self.done == 0)
         return ids[ids % n == i]
+
+    def missing_mask(self) -> np.ndarray:
+        """``[N]`` bool: True where a row is not yet written."""
+        return np.asarray(self.done) == 0
+
+    def done_rows(self, ids: np.ndarray) -> np.ndarray:
+        """``[B]`` bool: whether rows ``ids`` are written."""
+        return np.asarray(self.done[ids]) != 0
 
     @property
     def complete(self) -> bool:
@@ -251,6 +263,7 @@ class ShardedStore:
             _make_atomically(self.directory, lambda tmp: (tmp / "meta.json").write_text(
                 json.dumps(self.meta, indent=2, sort_keys=True)))
         _check_meta(self.directory, self.meta)
+        self._shards: dict[int, FeatureStore] = {}  # opened once, kept open
 
     @classmethod
     def open(cls, directory: str | Path) -> ShardedStore:
@@ -281,13 +294,23 @@ class ShardedStore:
     def shard(self, i: int) -> FeatureStore:
         """Shard ``i`` as a :class:`FeatureStore` of its ``stop - start`` rows (created on
         first use); its row ``j`` is the store's row ``start + j``."""
-        start, stop = self.rows(i)
-        meta = {key: v for key, v in self.meta.items() if key not in ("n", "k")}
-        return FeatureStore(self._shard_dir(i), stop - start, self.k,
-                            {**meta, "shard": i, "shard_start": start})
+        if i not in self._shards:
+            start, stop = self.rows(i)
+            meta = {key: v for key, v in self.meta.items() if key not in ("n", "k")}
+            self._shards[i] = FeatureStore(self._shard_dir(i), stop - start, self.k,
+                                           {**meta, "shard": i, "shard_start": start})
+        return self._shards[i]
 
     def _existing(self, i: int) -> FeatureStore | None:
-        return self.shard(i) if (self._shard_dir(i) / "meta.json").exists() else None
+        if i in self._shards or (self._shard_dir(i) / "meta.json").exists():
+            return self.shard(i)
+        return None
+
+    def _by_shard(self, ids: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """``(shard i, mask of ids in it)`` for each shard that global ``ids`` touch."""
+        which = ids // self.shard_rows
+        for i in np.unique(which):
+            yield int(i), which == i
 
     # ------------------------------------------------------------------ progress
     def missing(self) -> np.ndarray:
@@ -299,25 +322,45 @@ class ShardedStore:
             out.append(np.arange(start, stop) if shard is None else start + shard.missing())
         return np.concatenate(out)
 
+    def missing_mask(self) -> np.ndarray:
+        """``[N]`` bool: True where a row is not yet written (the done masks only)."""
+        out = np.ones(self.n, dtype=bool)
+        for i in range(self.n_shards):
+            if (shard := self._existing(i)) is not None:
+                start, stop = self.rows(i)
+                out[start:stop] = shard.missing_mask()
+        return out
+
+    def done_rows(self, ids: np.ndarray) -> np.ndarray:
+        """``[B]`` bool: whether global rows ``ids`` are written (reads only their shards)."""
+        ids = self._checked_ids(ids)
+        out = np.zeros(len(ids), dtype=bool)
+        for i, sel in self._by_shard(ids):
+            if (shard := self._existing(i)) is not None:
+                out[sel] = shard.done_rows(ids[sel] - self.rows(i)[0])
+        return out
+
     @property
     def complete(self) -> bool:
         return all((s := self._existing(i)) is not None and s.complete
                    for i in range(self.n_shards))
 
+    def _checked_ids(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.n):
+            raise ValueError(f"example ids must lie in [0, {self.n}), got {ids.min()}.."
+                             f"{ids.max()}")
+        return ids
+
     def write(self, ids: np.ndarray, values: np.ndarray) -> None:
         """Write global rows ``ids`` ([B]) with ``values`` ([B, k]), shard by shard."""
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = self._checked_ids(ids)
         values = np.asarray(values, dtype=np.float32)
         if values.shape != (len(ids), self.k):
             raise ValueError(f"expected features of shape ({len(ids)}, {self.k}), "
                              f"got {values.shape}")
-        if len(ids) and (ids.min() < 0 or ids.max() >= self.n):
-            raise ValueError(f"example ids must lie in [0, {self.n}), got {ids.min()}.."
-                             f"{ids.max()}")
-        which = ids // self.shard_rows
-        for i in np.unique(which):
-            sel = which == i
-            self.shard(int(i)).write(ids[sel] - self.rows(int(i))[0], values[sel])
+        for i, sel in self._by_shard(ids):
+            self.shard(i).write(ids[sel] - self.rows(i)[0], values[sel])
 
     def blocks(self, block_rows: int, start: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(start, stop, features [stop - start, k] float32)`` from global row ``start`` on,
@@ -339,6 +382,23 @@ class ShardedStore:
         for start, stop, block in self.blocks(self.shard_rows):
             out[start:stop] = block
         return out
+
+
+def make_store(directory: str | Path, n: int, k: int, meta: dict, shard_rows: int | None = None,
+               overwrite: bool = False) -> FeatureStore | ShardedStore:
+    """Create or open the store at ``directory``: a :class:`ShardedStore` of ``shard_rows``
+    rows per shard, or one :class:`FeatureStore` (``shard_rows=None``).
+
+    A store already there keeps its own layout (the layout never changes a feature), so a
+    run made with the other layout is completed, not refused; its metadata is checked as
+    always. ``overwrite`` starts afresh in the layout asked for.
+    """
+    saved = Path(directory) / "meta.json"
+    if saved.exists() and not overwrite:
+        shard_rows = json.loads(saved.read_text()).get("shard_rows")
+    if shard_rows is None:
+        return FeatureStore(directory, n, k, meta, overwrite=overwrite)
+    return ShardedStore(directory, n, k, meta, shard_rows, overwrite=overwrite)
 
 
 def open_store(directory: str | Path) -> FeatureStore | ShardedStore:

@@ -173,7 +173,8 @@ class Context:
                 self.feature_dir(model_id, set_name, spec.name), spec, self.sched,
                 model_id, set_name, batch_size=self.cfg.attribution.batch_size,
                 timestep_values=timestep_values, progress=self.progress,
-                gradients=self.cfg.attribution.gradients)
+                gradients=self.cfg.attribution.gradients,
+                shard_rows=self.cfg.attribution.store_shard_rows)
             self._features[key] = store.load()
         return self._features[key]
 
@@ -192,7 +193,8 @@ class Context:
             featurize_many(self.adapter(model_id), self.examples(set_name), todo,
                            self.spec(outputs[0]), self.sched, model_id, set_name,
                            batch_size=self.cfg.attribution.batch_size, progress=self.progress,
-                           gradients=self.cfg.attribution.gradients)
+                           gradients=self.cfg.attribution.gradients,
+                           shard_rows=self.cfg.attribution.store_shard_rows)
         return {o: self.features(set_name, o, model_id=model_id) for o in outputs}
 
     def solver(self, output: str, model_id: str = "full") -> scoring.KernelSolver:

@@ -47,7 +47,7 @@ from ..outputs import get_output
 from ..paths import RunPaths
 from ..runtime import resolve_device
 from ..scoring import KernelSolver
-from ..store import FeatureStore
+from ..store import FeatureStore, ShardedStore, open_store
 from ..streaming import StreamingKernel, stream_scores
 from .run import open_run
 
@@ -338,7 +338,7 @@ def _run_lambda(run: Path, spec: FeatureSpec) -> tuple[float, str] | None:
     return None
 
 
-def _streamed_scores(store: FeatureStore, targets: np.ndarray, rel: float,
+def _streamed_scores(store: FeatureStore | ShardedStore, targets: np.ndarray, rel: float,
                      directory: Path) -> np.ndarray:
     """Scores ``[T, N]`` float32 by one pass over ``store`` with its cached factorisation."""
     kernel = StreamingKernel.prepare(store, directory)
@@ -425,7 +425,7 @@ def attribute_images(
                                gradients=engine)
         phi_train = None if stream else store.load()
     elif stream:  # the run's finished store, read block by block
-        store, phi_train = FeatureStore.open(run_features), None
+        store, phi_train = open_store(run_features), None  # either layout
     # targets: a throwaway store per call (targets are few; the training set is the cost)
     th = hashlib.blake2b(target.images.numpy().tobytes(), digest_size=10)
     if target.labels is not None:

@@ -3,7 +3,8 @@
 ``stage_featurize`` fills every store the configured methods read, all output functions of
 one K together (one forward pass per batch). ``featurize_shard`` is one worker's part
 (``dtrak featurize --shard i/N``), and :func:`feature_jobs` hands N such shards to the run's
-executor (``dtrak featurize --shards N``): the workers fill disjoint rows of the same stores.
+executor (``dtrak featurize --shards N``): the workers fill disjoint rows of the same stores
+(with ``attribution.store_shard_rows``, disjoint store shards: separate files per worker).
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def featurize_shard(run: Run, shard: tuple[int, int], sets: list[str] | None = N
             ctx.adapter(), ctx.examples(set_name),
             {o: run.paths.features("full", set_name, sp.name) for o, sp in specs.items()},
             specs[outputs[0]], ctx.sched, "full", set_name, run.cfg.attribution.batch_size,
-            progress=run.progress, shard=shard, gradients=run.cfg.attribution.gradients)
+            progress=run.progress, shard=shard, gradients=run.cfg.attribution.gradients,
+            shard_rows=run.cfg.attribution.store_shard_rows)
         for o, store in stores.items():
-            left[f"{set_name}/{specs[o].name}"] = int((store.done == 0).sum())
+            left[f"{set_name}/{specs[o].name}"] = len(store.missing())
     return {"shard": f"{shard[0]}/{shard[1]}", "examples_left_in_store": left}
 
 

@@ -61,6 +61,7 @@ _DEPENDENTS = {
 RESULT_NEUTRAL_KEYS = frozenset({
     "name", "stages", "attribution.methods", "attribution.targets",
     "attribution.batch_size", "attribution.gradients", "attribution.clip_path",
+    "attribution.store_shard_rows",
     "sampling.batch_size",
     "counterfactual.methods", "runtime.device", "runtime.executor", "runtime.workers",
     "runtime.threads", "runtime.ray_address", "runtime.num_cpus", "runtime.num_gpus",
