@@ -108,6 +108,10 @@ def shutdown() -> None:
         _started_here = False
 
 
+_TALLY_START_S = 120.0  # seconds to wait for the tally actor to start
+_TALLY_CALL_S = 60.0  # and for one call to it (generous: a loaded machine is slow, not broken)
+
+
 class _Tally:
     """Attempts per job (a Ray actor): a job started twice was retried once."""
 
@@ -128,8 +132,12 @@ class _Tally:
 def _tally(ray: Any) -> Any | None:
     """The tally actor of this connection (None if it cannot be made: counts are a nicety)."""
     try:
-        return ray.remote(num_cpus=0)(_Tally).options(
+        tally = ray.remote(num_cpus=0)(_Tally).options(
             name="dtrak-retry-tally", get_if_exists=True, max_restarts=-1).remote()
+        # wait until it runs (its process imports dtrak and torch: seconds, more on a busy
+        # machine), so that a worker's first report is not the one that times out
+        ray.get(tally.retries.remote(""), timeout=_TALLY_START_S)
+        return tally
     except Exception as e:  # noqa: BLE001
         log.debug("no retry tally: %s", e)
         return None
@@ -140,7 +148,7 @@ def _run_in_worker(fn: Callable[[dict], Any], payload: dict, threads: int, cwd: 
     """What a Ray task runs: one job, in the submitter's directory, on its own CPUs."""
     if tally is not None:  # waited for: a worker killed right after must still be counted
         try:
-            _import_ray().get(tally.started.remote(key, name), timeout=10)
+            _import_ray().get(tally.started.remote(key, name), timeout=_TALLY_CALL_S)
         except Exception as e:  # noqa: BLE001 - the counts are a nicety
             log.debug("retry tally unavailable: %s", e)
     if os.path.isdir(cwd):
@@ -244,7 +252,7 @@ class RayExecutor:
         self.failures = len(failed)
         if tally is not None and (final or not bar.disable):
             try:
-                self.retries = ray.get(tally.retries.remote(key), timeout=10)
+                self.retries = ray.get(tally.retries.remote(key), timeout=_TALLY_CALL_S)
             except Exception as e:  # noqa: BLE001 - the counts are a nicety
                 log.debug("retry tally unavailable: %s", e)
         if self.retries or self.failures:
