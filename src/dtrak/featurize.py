@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .artefacts import load_npy
 from .config import GRADIENT_ENGINES
 from .families.base import DiffusionAdapter
 from .gradients import (
@@ -41,11 +40,12 @@ from .hooks import hook_gradients, kron_layers
 from .noise import ScheduleConstants, timesteps
 from .projection import KronProjector, Projector, make_projector
 from .seeding import seed_from
-from .store import FeatureStore, ShardedStore, make_store
+from .store import FeatureStore, ShardedStore, make_store, open_store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureSpec", "featurize_into", "featurize_many", "finished_features", "model_seed",
+__all__ = ["FeatureSpec", "featurize_into", "featurize_many", "finished_features", "finished_store",
+           "model_seed",
            "projector_for", "todo_blocks"]
 
 
@@ -193,7 +193,7 @@ def _store_meta(spec: FeatureSpec, model_id: str, set_name: str, p: int, ts: tor
             "p": p, "timesteps": [int(t) for t in ts], "projector": projector.describe()}
 
 
-def finished_features(
+def finished_store(
     adapter: DiffusionAdapter,
     n: int,
     directory: str | Path,
@@ -201,10 +201,10 @@ def finished_features(
     sched: ScheduleConstants,
     model_id: str,
     set_name: str,
-) -> np.ndarray | None:
-    """The ``[n, k]`` features of a complete store at ``directory`` made with exactly these
-    settings (what :func:`featurize_into` would write there), read without writing; None when
-    there is no such store (missing, unfinished or made otherwise)."""
+) -> FeatureStore | ShardedStore | None:
+    """The complete store at ``directory`` (either layout) made with exactly these settings
+    (what :func:`featurize_into` would write there), opened for reading, its features not
+    loaded; None when there is no such store (missing, unfinished or made otherwise)."""
     directory = Path(directory)
     if not (directory / "meta.json").is_file():
         return None
@@ -219,18 +219,22 @@ def finished_features(
         meta["shard_rows"] = saved["shard_rows"]
     if saved != json.loads(json.dumps(meta, sort_keys=True)):
         return None
-    return _read_finished(directory, int(n), int(projector.k), "shard_rows" in saved)
+    store = open_store(directory)
+    return store if store.complete else None
 
 
-def _read_finished(directory: Path, n: int, k: int, sharded: bool) -> np.ndarray | None:
-    """The ``[n, k]`` features of the store at ``directory`` if complete, else None."""
-    if sharded:
-        store = ShardedStore.open(directory)
-        return store.load() if store.complete else None
-    if not ((directory / "done.npy").is_file()
-            and load_npy(directory / "done.npy", (n,), np.uint8).all()):
-        return None
-    return load_npy(directory / "features.npy", (n, k), np.float32)
+def finished_features(
+    adapter: DiffusionAdapter,
+    n: int,
+    directory: str | Path,
+    spec: FeatureSpec,
+    sched: ScheduleConstants,
+    model_id: str,
+    set_name: str,
+) -> np.ndarray | None:
+    """The ``[n, k]`` features of :func:`finished_store`'s store, or None."""
+    store = finished_store(adapter, n, directory, spec, sched, model_id, set_name)
+    return None if store is None else store.load()
 
 
 def todo_blocks(stores: list[FeatureStore | ShardedStore], batch_size: int,

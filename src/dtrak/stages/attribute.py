@@ -40,14 +40,14 @@ from ..config import Config, ModelConfig, load_config
 from ..data import load_image_folder
 from ..families import get_family
 from ..families.unet2d import LabelledImages
-from ..featurize import FeatureSpec, featurize_into, finished_features
+from ..featurize import FeatureSpec, featurize_into, finished_store
 from ..lambdas import chosen_lambdas, prior_lambda_rel
 from ..noise import ScheduleConstants
 from ..outputs import get_output
 from ..paths import RunPaths
 from ..runtime import resolve_device
 from ..scoring import KernelSolver
-from ..store import FeatureStore, ShardedStore, open_store
+from ..store import FeatureStore, ShardedStore
 from ..streaming import StreamingKernel, stream_scores
 from .run import open_run
 
@@ -405,12 +405,12 @@ def attribute_images(
         raise ValueError(f"{len(train.class_names)} class folders but the model knows {n} "
                          f"classes ({', '.join(train.class_names)})")
     target = _target_set(images, res, ch, train.class_names, target_class)
-    phi_train, model_id = None, "attribute"
+    store, model_id = None, "attribute"
     if run is not None and data is None:  # the run's own finished training features
-        run_features = RunPaths(run).features("full", "train", spec.name)
-        phi_train = finished_features(adapter, len(train.images), run_features, spec,
-                                      sched, "full", "train")
-        model_id = "attribute" if phi_train is None else "full"
+        store = finished_store(adapter, len(train.images),
+                               RunPaths(run).features("full", "train", spec.name), spec,
+                               sched, "full", "train")
+        model_id = "attribute" if store is None else "full"
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     extra = {}
     if source.prediction_type != "epsilon":
@@ -419,13 +419,11 @@ def attribute_images(
         extra["labels"] = train.labels.tolist()
     key = _fingerprint(source.model_dir, train.images, spec, source.family, sched.betas, extra)
     engine = "hooks" if spec.projector == "kron" else "vmap"  # equal to rounding otherwise
-    if phi_train is None:
+    if store is None:
         store = featurize_into(adapter, train.examples(), cache / key / "train", spec, sched,
                                model_id, "train", batch_size=batch_size, progress=progress,
                                gradients=engine)
-        phi_train = None if stream else store.load()
-    elif stream:  # the run's finished store, read block by block
-        store, phi_train = open_store(run_features), None  # either layout
+    phi_train = None if stream else store.load()  # streamed: read block by block
     # targets: a throwaway store per call (targets are few; the training set is the cost)
     th = hashlib.blake2b(target.images.numpy().tobytes(), digest_size=10)
     if target.labels is not None:
