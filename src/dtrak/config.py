@@ -29,6 +29,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "CounterfactualConfig",
+    "DASConfig",
+    "InfluenceConfig",
     "DataConfig",
     "LDSConfig",
     "ModelConfig",
@@ -290,6 +292,35 @@ class CounterfactualConfig:
         _check(self.remove > 0, "counterfactual.remove", "must be > 0")
 
 
+@dataclass(frozen=True)
+class DASConfig:
+    residual_timesteps: int = _help(
+        "timesteps (evenly spaced over the schedule) of each training example's residual "
+        "weight e_i (DAS's code: all 1000)", 1000)
+    residual_seed: int = _help("seed of the residual weights' noise draws", 0)
+
+    def validate(self) -> None:
+        _check(self.residual_timesteps >= 1, "das.residual_timesteps", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class InfluenceConfig:
+    factor_draws: int = _help(
+        "(t, eps) draws per training example when fitting the K-FAC factors, each with one "
+        "target sampled from the model (the GGN of the model)", 4)
+    train_draws: int = _help(
+        "(t, eps) draws averaged into each training example's gradient (their paper: 250)", 32)
+    target_draws: int = _help(
+        "(t, eps) draws averaged into each target's measurement gradient (their paper: 250)",
+        32)
+    seed: int = _help("seed of the draws", 0)
+    batch_size: int = _help("rows (example, draw) per batch (results do not depend on it)", 64)
+
+    def validate(self) -> None:
+        for key in ("factor_draws", "train_draws", "target_draws", "batch_size"):
+            _check(getattr(self, key) >= 1, f"influence.{key}", "must be >= 1")
+
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
 
@@ -356,6 +387,9 @@ class Config:
     counterfactual: CounterfactualConfig = _help(
         "counterfactual evaluation", factory=CounterfactualConfig
     )
+    das: DASConfig = _help("the DAS method's residual weights", factory=DASConfig)
+    influence: InfluenceConfig = _help(
+        "the K-FAC / EK-FAC influence methods: draws and batches", factory=InfluenceConfig)
     runtime: RuntimeConfig = _help(
         "device, dtype and executor (how and where, never what)", factory=RuntimeConfig
     )

@@ -33,6 +33,7 @@ from .gradients import (
     param_order,
     per_sample_gradients,
     per_sample_gradients_multi,
+    per_sample_unit_gradients,
     selected_parameters,
 )
 from .hooks import hook_gradients, kron_layers
@@ -59,11 +60,21 @@ class FeatureSpec:
     proj_seed: int = 0
     noise_seed: int = 0
     journey: bool = False  # target features along the sampling trajectory (Journey TRAK)
+    unit: bool = False  # each timestep's gradient scaled to unit norm before the mean (DAS)
 
     @property
     def name(self) -> str:
         head = f"journey-{self.output}" if self.journey else self.output
-        return f"{head}-{self.schedule}{self.n_timesteps}-{self.projector}{self.proj_dim}"
+        tail = "-unit" if self.unit else ""
+        return f"{head}-{self.schedule}{self.n_timesteps}-{self.projector}{self.proj_dim}{tail}"
+
+    def describe(self) -> dict:
+        """The spec as stored in a store's metadata (``unit`` only when set, so stores made
+        before it existed keep matching)."""
+        d = asdict(self)
+        if not self.unit:
+            del d["unit"]
+        return d
 
     def timesteps(self, T: int) -> torch.Tensor:
         return timesteps(self.schedule, self.n_timesteps, T, seed=self.noise_seed)
@@ -90,6 +101,9 @@ def projector_for(spec: FeatureSpec, p: int, model_id: str, module: torch.nn.Mod
 
 
 def _check_engine(gradients: str, spec: FeatureSpec) -> None:
+    if spec.unit and spec.projector == "kron":
+        raise ValueError("unit-normalised features (spec.unit, DAS) need each timestep's full "
+                         "gradient, which the kron projector never forms: use another projector")
     if gradients not in GRADIENT_ENGINES:
         raise ValueError(f"unknown gradient engine {gradients!r}; use one of "
                          f"{', '.join(GRADIENT_ENGINES)}")
@@ -100,11 +114,16 @@ def _check_engine(gradients: str, spec: FeatureSpec) -> None:
 
 
 def _features(adapter: DiffusionAdapter, gradients: str, projector: Projector, x0, ids,
-              outputs: list[str], ts, sched, noise_seed, cond, names, multi: bool
-              ) -> torch.Tensor:
+              outputs: list[str], ts, sched, noise_seed, cond, names, multi: bool,
+              unit: bool = False) -> torch.Tensor:
     """Projected features ``[len(outputs), B, k]`` of one batch with the chosen engine
     (``vmap``: ``multi`` picks the several-output call, whose rounding the stores of
-    :func:`featurize_many` have always had)."""
+    :func:`featurize_many` have always had). ``unit`` features need each timestep's
+    gradient, which the hook engine sums away: they always take the vmap path."""
+    if unit:
+        return torch.stack([projector.project(per_sample_unit_gradients(
+            adapter, x0, ids, o, ts, sched, noise_seed, cond=cond, param_names=names))
+            for o in outputs])
     if gradients == "hooks":
         kron = projector if isinstance(projector, KronProjector) else None
         g = hook_gradients(adapter, x0, ids, outputs, ts, sched, noise_seed, cond=cond,
@@ -177,7 +196,8 @@ def featurize_into(
     for ids in blocks:
         x0, cond = adapter.prepare(examples[torch.as_tensor(ids)])
         feats = _features(adapter, gradients, projector, x0, torch.as_tensor(ids),
-                          [spec.output], ts, sched, noise_seed, cond, names, multi=False)
+                          [spec.output], ts, sched, noise_seed, cond, names, multi=False,
+                          unit=spec.unit)
         bar.update(_write_missing(store, ids, feats[0]))
     bar.close()
     return store
@@ -186,7 +206,7 @@ def featurize_into(
 def _store_meta(spec: FeatureSpec, model_id: str, set_name: str, p: int, ts: torch.Tensor,
                 projector: Projector) -> dict:
     """What a store records about its features (and refuses to mix)."""
-    return {"spec": asdict(spec), "feature": spec.name, "model_id": model_id, "set": set_name,
+    return {"spec": spec.describe(), "feature": spec.name, "model_id": model_id, "set": set_name,
             "p": p, "timesteps": [int(t) for t in ts], "projector": projector.describe()}
 
 
@@ -316,7 +336,7 @@ def featurize_many(
     for ids in blocks:
         x0, cond = adapter.prepare(examples[torch.as_tensor(ids)])
         feats = _features(adapter, gradients, projector, x0, torch.as_tensor(ids), outs, ts,
-                          sched, noise_seed, cond, None, multi=True)
+                          sched, noise_seed, cond, None, multi=True, unit=spec.unit)
         for j, o in enumerate(outs):
             _write_missing(stores[o], ids, feats[j])
         bar.update(len(ids))

@@ -49,6 +49,8 @@ __all__ = [
     "param_order",
     "per_sample_gradients",
     "per_sample_gradients_multi",
+    "per_sample_unit_gradients",
+    "per_timestep_gradients",
     "reference_gradients",
     "selected_parameters",
 ]
@@ -336,6 +338,67 @@ def per_sample_gradients_multi(
         _write_flat(out[j], {n: g[:, j] for n, g in grads.items()}, order)
     check_finite(out.reshape(len(fns) * len(ids), -1), list(ids) * len(fns))
     return out
+
+
+def per_timestep_gradients(
+    adapter: DiffusionAdapter,
+    x0: torch.Tensor,
+    example_ids: Sequence[int] | torch.Tensor,
+    output: str,
+    timesteps: torch.Tensor,
+    sched: ScheduleConstants,
+    noise_seed: int,
+    cond: Cond | None = None,
+    param_names: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """The gradient of ``f`` at each of the ``K`` timesteps separately: ``[B, K, p]``.
+
+    Same noise, timesteps and layout as :func:`per_sample_gradients`, whose result is the mean
+    of these over ``K`` (tested). Each (example, timestep) is one forward of a batch of one,
+    vmapped over timesteps and examples, so the cost is that of :func:`per_sample_gradients`
+    and the memory ``B x K x p``.
+    """
+    module = adapter.module
+    device, dtype = _module_device_dtype(module)
+    order = param_order(module, selected_parameters(adapter, param_names))
+    x0k, eps, t, cond, ids = _inputs(x0, example_ids, timesteps, noise_seed, cond, device, dtype)
+    out_fn = get_output(output)
+    params, frozen = _split_params(module, order)
+
+    def per_row(p, x0_r, eps_r, t_r, cond_i):
+        return _mean_output(adapter, out_fn, sched, {**frozen, **p}, x0_r[None], eps_r[None],
+                            t_r[None], cond_i)
+
+    over_steps = vmap(grad(per_row), in_dims=(None, 0, 0, 0, None))
+    batched = vmap(over_steps, in_dims=(None, 0, 0, None, 0))
+    B, K = x0k.shape[:2]
+    out = torch.empty((B * K, sum(n for _, n in order)), dtype=dtype, device=device)
+    with featurization_mode(module):
+        grads = batched(params, x0k, eps, t, cond)  # {name: [B, K, *shape]}
+    _write_flat(out, {n: g.reshape(B * K, *g.shape[2:]) for n, g in grads.items()}, order)
+    check_finite(out, ids.repeat_interleave(K) if torch.is_tensor(ids)
+                 else [i for i in ids for _ in range(K)])
+    return out.reshape(B, K, -1)
+
+
+def per_sample_unit_gradients(
+    adapter: DiffusionAdapter,
+    x0: torch.Tensor,
+    example_ids: Sequence[int] | torch.Tensor,
+    output: str,
+    timesteps: torch.Tensor,
+    sched: ScheduleConstants,
+    noise_seed: int,
+    cond: Cond | None = None,
+    param_names: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """``(1/K) sum_k g_k / ||g_k||``: each timestep's gradient scaled to unit L2 norm over
+    all attributed parameters before the mean (the features of DAS, :mod:`dtrak.methods.das`).
+    A zero gradient stays zero. ``[B, p]``, layout :func:`param_order`."""
+    g = per_timestep_gradients(adapter, x0, example_ids, output, timesteps, sched, noise_seed,
+                               cond=cond, param_names=param_names)
+    norms = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+    return (g / torch.where(norms > 0, norms, torch.ones_like(norms))).mean(dim=1)
 
 
 def _write_flat(out: torch.Tensor, grads: dict[str, torch.Tensor], order) -> None:

@@ -41,6 +41,8 @@ __all__ = [
     "check_lambda",
     "choose_form",
     "cosine_scores",
+    "das_reference",
+    "das_scores",
     "datamodel_scores",
     "dot_scores",
     "eigh_gram",
@@ -295,6 +297,43 @@ class KernelSolver:
     def feature_norms(self) -> np.ndarray:
         """``||phi(z)||`` for every training example, from the factorisation: ``[N]`` float64."""
         return np.linalg.norm(self._train_in_eigenbasis(), axis=1)
+
+    def leverages(self, lam: float) -> np.ndarray:
+        """``h_z = phi(z)^T (Phi^T Phi + lam I)^-1 phi(z)`` for every training example: ``[N]``
+        float64, in [0, 1) for lam > 0 (the diagonal of the ridge hat matrix)."""
+        c = self._train_in_eigenbasis()
+        return np.einsum("nr,r,nr->n", c, self._inverse_spectrum(lam), c)
+
+
+def das_scores(solver: KernelSolver, target_features: np.ndarray, residual: np.ndarray,
+               lam: float, leave_one_out: bool = False, square: bool = False) -> np.ndarray:
+    """DAS scores ``[M, N]`` float32 from unit-normalised features (:mod:`dtrak.methods.das`).
+
+    ``s(x, z) = phi(x)^T (Phi^T Phi + lam I)^-1 phi(z) * e_z``, divided by ``1 - h_z`` (the
+    training example's own leverage, :meth:`KernelSolver.leverages`) when ``leave_one_out``,
+    and squared when ``square``. ``residual``: the weights ``e_z`` ``[N]``.
+    """
+    e = np.asarray(residual, dtype=np.float64)
+    if e.shape != (solver.n,) or not np.all(np.isfinite(e)):
+        raise ValueError(f"residual weights must be finite, shape ({solver.n},), got {e.shape}")
+    weight = e / (1.0 - solver.leverages(lam)) if leave_one_out else e
+    s = solver.scores(target_features, lam).astype(np.float64) * weight
+    return (s * s if square else s).astype(np.float32)
+
+
+def das_reference(train_features: np.ndarray, target_features: np.ndarray, residual: np.ndarray,
+                  lam: float, leave_one_out: bool = False, square: bool = False) -> np.ndarray:
+    """Oracle for :func:`das_scores`: the kernel inverse by ``np.linalg.inv`` in float64 and
+    each leverage as its own quadratic form, example by example. Plain and slow on purpose."""
+    phi = as_matrix(train_features, "train_features")
+    phi_x = as_matrix(target_features, "target_features")
+    inv = np.linalg.inv(phi.T @ phi + check_lambda(lam) * np.eye(phi.shape[1]))
+    out = np.empty((len(phi_x), len(phi)))
+    for z in range(len(phi)):
+        w = residual[z] / (1.0 - phi[z] @ inv @ phi[z]) if leave_one_out else residual[z]
+        for x in range(len(phi_x)):
+            out[x, z] = (phi_x[x] @ inv @ phi[z]) * w
+    return (out * out if square else out).astype(np.float32)
 
 
 def solve_reference(

@@ -9,8 +9,9 @@ registration line (a module may also offer a ``build(name)`` for families of nam
 
 from __future__ import annotations
 
-from . import baselines, kernel, pool
-from .base import Context, Method, PoolNeed, default_lambda, method_lambda_grid
+from . import baselines, das, kernel, pool
+from .base import (Context, Method, PoolNeed, default_lambda, lambda_scale,
+                   method_lambda_grid)
 
 __all__ = [
     "METHODS",
@@ -19,6 +20,7 @@ __all__ = [
     "PoolNeed",
     "default_lambda",
     "get_method",
+    "lambda_scale",
     "method_lambda_grid",
     "register",
 ]
@@ -49,6 +51,6 @@ def get_method(name: str) -> Method:
 
 
 # the registration line: a module's METHODS, and its builder of names if it has one
-for _method in (*kernel.METHODS, *baselines.METHODS, *pool.METHODS):
+for _method in (*kernel.METHODS, *baselines.METHODS, *pool.METHODS, *das.METHODS):
     register(_method)
 _BUILDERS = (kernel.build, pool.build)

@@ -34,7 +34,8 @@ from ..noise import ScheduleConstants
 from ..paths import RunPaths
 from ..runtime import Placement
 
-__all__ = ["Context", "Method", "PoolNeed", "default_lambda", "method_lambda_grid"]
+__all__ = ["Context", "Method", "PoolNeed", "default_lambda", "lambda_scale",
+           "method_lambda_grid"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,13 @@ class Method:
     kernel: bool = False  # plain TRAK-style kernel: LDS over lambda straight from the solver
     n_timesteps: int | None = None  # K of its features (None: attribution.n_timesteps)
     pool: PoolNeed | None = None  # retrained models it reads (trained by the stages)
+    # FeatureSpec changes of the features its kernel is built on, e.g. (("unit", True),)
+    feature: tuple[tuple[str, object], ...] = ()
+    # the scale its lambda is relative to (None: trace(Phi^T Phi)/N of its kernel), e.g. the
+    # mean curvature eigenvalue of an influence method's damping; such a lambda is always
+    # chosen on the relative grid
+    lambda_scale: Callable | None = None  # (ctx) -> float
+    lambda_prior: float | None = None  # prior relative lambda (None: by its output function)
 
     def applies_to(self, set_name: str) -> bool:
         return self.sets is None or set_name in self.sets
@@ -69,6 +77,10 @@ class Method:
     def context(self, ctx: Context) -> Context:
         """The context this method reads its features from (its own K, if it has one)."""
         return ctx if self.n_timesteps is None else ctx.at_timesteps(self.n_timesteps)
+
+    def spec(self, ctx: Context) -> FeatureSpec:
+        """The feature spec of its kernel's features (``output`` with ``feature`` changes)."""
+        return self.context(ctx).spec(self.output, **dict(self.feature))
 
 
 _CKPT_ID = re.compile(r"ckpt-(\d+)$")
@@ -197,28 +209,47 @@ class Context:
                            shard_rows=self.cfg.attribution.store_shard_rows)
         return {o: self.features(set_name, o, model_id=model_id) for o in outputs}
 
-    def solver(self, output: str, model_id: str = "full") -> scoring.KernelSolver:
-        """The kernel of ``model_id``'s training features (computed first if missing)."""
-        key = (model_id, self.spec(output))
+    def memo(self, key: tuple, compute: Callable[[], object]) -> object:
+        """``compute()`` once per key (a method's own tables, e.g. DAS's residual weights,
+        which it keeps resumable in the run directory itself)."""
+        if key not in self._features:
+            self._features[key] = compute()
+        return self._features[key]
+
+    def solver(self, output: str, model_id: str = "full", spec: FeatureSpec | None = None
+               ) -> scoring.KernelSolver:
+        """The kernel of ``model_id``'s training features (computed first if missing);
+        ``spec`` replaces the default spec of ``output`` (e.g. unit-normalised features)."""
+        spec = spec or self.spec(output)
+        key = (model_id, spec)
         if key not in self._solvers:
             self._solvers[key] = scoring.KernelSolver(
-                self.features("train", output, model_id=model_id),
+                self.features("train", output, model_id=model_id, spec=spec),
                 device=None if self.placement.device.type == "cpu" else self.placement.device)
         return self._solvers[key]
+
+
+def lambda_scale(ctx: Context, method: Method) -> float:
+    """The scale a method's lambda is relative to: its own ``lambda_scale``, else
+    ``trace(Phi^T Phi)/N`` of its kernel."""
+    mctx = method.context(ctx)
+    if method.lambda_scale is not None:
+        return float(method.lambda_scale(mctx))
+    return mctx.solver(method.output, spec=method.spec(ctx)).trace_scale
 
 
 def default_lambda(ctx: Context, method: Method) -> float | None:
     """The prior lambda of a method (absolute), or None for methods without one."""
     if not method.uses_lambda:
         return None
-    ctx = method.context(ctx)
-    return prior_lambda_rel(method.output) * ctx.solver(method.output).trace_scale
+    rel = prior_lambda_rel(method.output) if method.lambda_prior is None else method.lambda_prior
+    return rel * lambda_scale(ctx, method)
 
 
 def method_lambda_grid(ctx: Context, method: Method) -> np.ndarray:
-    """The lambdas a method's LDS selects from (``attribution.lambdas``: paper or relative)."""
-    ctx = method.context(ctx)
-    solver = ctx.solver(method.output)
-    scale = ctx.cfg.attribution.lambdas
-    return lambda_grid("absolute" if scale == "paper" else "relative",
-                       trace_scale=solver.trace_scale)
+    """The lambdas a method's LDS selects from (``attribution.lambdas``: paper or relative;
+    a method with its own ``lambda_scale`` always uses the relative grid)."""
+    absolute = ctx.cfg.attribution.lambdas == "paper" and method.lambda_scale is None
+    if absolute:
+        return lambda_grid("absolute")
+    return lambda_grid("relative", trace_scale=lambda_scale(ctx, method))

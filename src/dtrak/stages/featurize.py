@@ -38,6 +38,13 @@ def stage_featurize(run: Run) -> dict:
             # all output functions of one K together: one forward pass per batch
             for output, feats in kctx.prefetch(set_name, outputs).items():
                 done[f"{set_name}/{kctx.spec(output).name}"] = list(feats.shape)
+    for name in run.cfg.attribution.methods:  # features made otherwise (e.g. DAS's unit ones)
+        method = get_method(name)
+        if method.feature:
+            mctx, spec = method.context(ctx), method.spec(ctx)
+            for set_name in ["train", *run.target_sets()]:
+                feats = mctx.features(set_name, method.output, spec=spec)
+                done[f"{set_name}/{spec.name}"] = list(feats.shape)
     return done
 
 

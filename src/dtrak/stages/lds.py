@@ -21,7 +21,7 @@ from .. import lds as lds_math
 from ..artefacts import DamagedArtefactError, load_npy
 from ..config import to_dict
 from ..lambdas import select_lambda
-from ..methods import get_method, method_lambda_grid
+from ..methods import get_method, lambda_scale, method_lambda_grid
 from .pools import ensure_pool, lds_pool, pool_losses, train_pool
 from .run import Run
 
@@ -51,12 +51,13 @@ def _evaluate(run: Run, name: str, set_name: str, masks, truth, preds_out: dict
         preds_out[f"{name}/{set_name}/none"] = lds_math.predicted_outputs(scores, masks)
         return [{**common, **res.to_dict(), "lambda": None, "lambda_selection": None}], []
     lams = method_lambda_grid(ctx, method)
-    mctx = method.context(ctx)
-    solver = mctx.solver(method.output)
-    feats = mctx.features(set_name, method.output)
+    scale = lambda_scale(ctx, method)
     if method.kernel:
         # the LDS predictions at every lambda straight from the factorisation, without
         # materialising the [L, T, N] score stack
+        mctx, spec = method.context(ctx), method.spec(ctx)
+        feats = mctx.features(set_name, method.output, spec=spec)
+        solver = mctx.solver(method.output, spec=spec)
         scores, preds = None, solver.predicted_outputs_sweep(feats, lams, masks)
     else:
         scores, preds = np.stack([method.score(ctx, set_name, lam) for lam in lams]), None
@@ -70,7 +71,7 @@ def _evaluate(run: Run, name: str, set_name: str, masks, truth, preds_out: dict
             preds_out[f"{name}/{set_name}/{mode}/weights"] = sel["weights"]
         records.append({**common, "lds": sel["lds"], "ci_low": sel["ci_low"],
                         "ci_high": sel["ci_high"], "lambda": sel["lam"],
-                        "lambda_rel": sel["lam"] / solver.trace_scale,
+                        "lambda_rel": sel["lam"] / scale,
                         "lambda_selection": mode,
                         **({"lambdas_heldout": sel["lams_heldout"]} if mode == "heldout" else {})})
         curve = {"method": name, "targets": set_name, "lambdas": sel["lams"],

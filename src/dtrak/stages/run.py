@@ -49,6 +49,9 @@ _DEPENDENTS = {
     "attribution": ("features", "scores", "results", "counterfactual", "report"),
     "lds": ("lds", "pool", "results", "report"),
     "counterfactual": ("counterfactual", "report"),
+    # their artefacts sit in folders named by their settings; only scores and results go
+    "das": ("scores", "results", "report"),
+    "influence": ("scores", "results", "report"),
     # runtime.dtype (the only key of the section that changes results): what models compute
     # after training; trained models stay
     "runtime": ("gen", "features", "scores", "lds/truth", "pool/truth", "results",
@@ -61,7 +64,7 @@ _DEPENDENTS = {
 RESULT_NEUTRAL_KEYS = frozenset({
     "name", "stages", "attribution.methods", "attribution.targets",
     "attribution.batch_size", "attribution.gradients", "attribution.clip_path",
-    "attribution.store_shard_rows",
+    "attribution.store_shard_rows", "influence.batch_size",
     "sampling.batch_size",
     "counterfactual.methods", "runtime.device", "runtime.executor", "runtime.workers",
     "runtime.threads", "runtime.ray_address", "runtime.num_cpus", "runtime.num_gpus",
