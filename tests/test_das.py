@@ -13,6 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from peft import LoraConfig, inject_adapter_in_model
 
 from dtrak import scoring
 from dtrak.config import preset
@@ -59,7 +60,7 @@ def _images(n, seed):
 def _reference_per_timestep(model, x0, ids, output, ts, sched, seed):
     """``[B, K, p]`` by one autograd.grad per (example, timestep), in the model's dtype."""
     eps = example_noise(seed, ids, len(ts), tuple(x0.shape[1:]), dtype=x0.dtype)
-    params = [p for _, p in model.named_parameters()]
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
     fn = get_output(output)
     out = torch.empty(len(ids), len(ts), sum(p.numel() for p in params), dtype=x0.dtype)
     for b in range(len(ids)):
@@ -88,6 +89,24 @@ def test_per_timestep_and_unit_gradients_match_a_backward_loop_float64():
                                rtol=1e-9, atol=1e-12)
     # a unit mean of K unit vectors has norm <= 1 (= 1 only if they all point alike)
     assert bool((unit.norm(dim=-1) <= 1 + 1e-12).all())
+
+
+def test_unit_gradients_on_lora_layers_only():
+    """A LoRA-adapted UNet: the unit features cover the trainable LoRA parameters only."""
+    model = inject_adapter_in_model(
+        LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v", "to_out.0"]), _model())
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+        if "lora_B" in n:  # peft starts B at zero; make it random for a non-trivial gradient
+            p.data.normal_(0, 0.1)
+    model = model.double().eval()
+    sched, x0, ids, ts = _sched(), _images(2, 6).double(), torch.tensor([1, 2]), torch.tensor([5, 600])
+    ref = _reference_per_timestep(model, x0, ids, "avg", ts, sched, seed=2)
+    got = per_sample_unit_gradients(UNet2DAdapter(model), x0, ids, "avg", ts, sched, noise_seed=2)
+    assert got.shape[1] == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    torch.testing.assert_close(got, (ref / ref.norm(dim=-1, keepdim=True)).mean(1),
+                               rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("form", ["primal", "dual"])
