@@ -13,7 +13,10 @@ STAMP   = $(VENV)/.dtrak-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[test,clip,lora,ray]"
+	$(BIN)/pip install -q -e ".[test,clip,lora,ray,influence]"
+# kronfluence (kfac-if / ekfac-if) goes in without its declared dependencies: it asks for
+# torchvision, whose PyPI wheel would replace the CPU torch installed above
+	$(BIN)/pip install -q --no-deps kronfluence==1.0.1 einconv
 	touch $(STAMP)
 
 install: $(STAMP)

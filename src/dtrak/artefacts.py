@@ -127,7 +127,9 @@ def digest(*parts: Any) -> str:
     """A short content digest of JSON-able values and arrays (order matters)."""
     h = hashlib.blake2b(digest_size=12)
     for part in parts:
-        if isinstance(part, np.ndarray | bytes):
+        if hasattr(part, "digest_parts"):  # examples made of several arrays (and captions)
+            h.update(b"d" + digest(*part.digest_parts()).encode())
+        elif isinstance(part, np.ndarray | bytes):
             data = part.tobytes() if isinstance(part, np.ndarray) else part
             h.update(b"a" + data)
         elif hasattr(part, "numpy"):  # a torch tensor

@@ -15,13 +15,16 @@ from pathlib import Path
 
 import click
 import torch
+from diffusers import DDPMScheduler
 
 from . import pipeline
 from .config import PRESETS, ConfigError, load_config
 from .data import load_dataset, load_image_folder, resize_images
+from .families.sd_components import tiny_text_encoder, write_pipeline
 from .figures import attribution_gallery
 from .outputs import get_output
 from .stages.attribute import attribute_images, attribution_spec
+from .stages.attribute_text import attribute_lora_images
 from .stages.lds import compare
 from .store import parse_shard
 
@@ -268,17 +271,33 @@ def counterfactual_cmd(config, out, overrides, overwrite, quiet, methods, worker
               help="score by one pass over the training features on disk (memory "
                    "O(k^2 + block) whatever the training set's size; the kernel is "
                    "factorised once and cached)")
+@click.option("--lora", "lora_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="a LoRA fine-tune of the Stable Diffusion folder --model "
+                   "(pytorch_lora_weights.safetensors); features are its LoRA gradients")
+@click.option("--prompt", default=None,
+              help="with --lora: the prompt the targets were generated from")
+@click.option("--caption-template", default=None,
+              help="with --lora: caption of a class-folder training image without a "
+                   "metadata.jsonl, e.g. 'a {class} painting'")
 @click.option("--quiet", "-q", is_flag=True)
 @_friendly
 def attribute_cmd(images, model_dir, scheduler, run_dir, data, target_class, output_fn,
                   n_timesteps, proj_dim, projector, k, out_dir, cache_dir, device, stream,
-                  quiet):
+                  lora_dir, prompt, caption_template, quiet):
     """Which training images made IMAGE? Top proponents and opponents, printed and as PNG."""
     get_output(output_fn)
     spec = attribution_spec(output_fn, n_timesteps, proj_dim, projector, run=run_dir)
-    results = attribute_images(model_dir, data, list(images), spec, cache_dir=cache_dir,
-                               progress=not quiet, device=device, scheduler=scheduler,
-                               run=run_dir, target_class=target_class, stream=stream)
+    if lora_dir is not None:
+        if model_dir is None or data is None or prompt is None:
+            raise click.UsageError("--lora needs --model SD_DIR (the base), --data (the "
+                                   "LoRA's training images) and --prompt (the targets')")
+        results = attribute_lora_images(model_dir, lora_dir, data, list(images), prompt,
+                                        spec, caption_template, cache_dir=cache_dir,
+                                        progress=not quiet, device=device)
+    else:
+        results = attribute_images(model_dir, data, list(images), spec, cache_dir=cache_dir,
+                                   progress=not quiet, device=device, scheduler=scheduler,
+                                   run=run_dir, target_class=target_class, stream=stream)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     first = results[0]
@@ -337,6 +356,19 @@ def _run_and_tell(run: pipeline.Run, stages) -> None:
     click.echo(f"run directory: {run.paths.root}")
     if "report" in results:
         click.echo(f"report: {results['report']['report']}")
+
+
+@main.command("text-base")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True, help="seed of the text encoder")
+@_friendly
+def text_base_cmd(out, seed):
+    """Write a text-only base folder for a text UNet trained from scratch: a small random
+    CLIP text encoder, a character-level tokenizer and a linear DDPM schedule (sd-lora with
+    model.lora_rank = 0 and model.pretrained = OUT)."""
+    path = write_pipeline(out, text_encoder=tiny_text_encoder(seed=seed),
+                          scheduler=DDPMScheduler())
+    click.echo(f"text encoder, tokenizer and scheduler written to {path}")
 
 
 @main.command("demo")

@@ -126,9 +126,30 @@ class ModelConfig:
         "what the model predicts: epsilon (the only one dtrak trains), v_prediction or "
         "sample (attributed through their epsilon prediction)", "epsilon"
     )
+    pretrained: str | None = _help(
+        "sd-lora: a local Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, "
+        "scheduler/ as StableDiffusionPipeline.save_pretrained writes it); never downloaded. "
+        "Without unet/ (and lora_rank = 0) the UNet is built from model.preset", None)
+    lora_rank: int | None = _help(
+        "sd-lora: LoRA rank r (paper: 128); 0 or None trains the whole UNet", 128)
+    lora_alpha: float | None = _help("sd-lora: LoRA alpha (None: = rank, as the paper)", None)
+    lora_targets: tuple[str, ...] = _help(
+        "sd-lora: the attention layers that get a LoRA adapter",
+        ("to_q", "to_k", "to_v", "to_out.0"))
+    lora_init: str = _help("sd-lora: LoRA initialisation (peft init_lora_weights)", "gaussian")
+    caption_template: str = _help(
+        "sd-lora: caption of a class-folder image, {class} = the folder name with underscores "
+        "as spaces (artbench: 'a {class} painting')", "a photo of a {class}")
+    caption_dropout: float = _help(
+        "sd-lora: fraction of training captions replaced by the empty prompt (paper: 0.1)", 0.1)
 
     def validate(self) -> None:
         _check(bool(self.family), "model.family", "must name a model family, e.g. unet2d")
+        _check(self.lora_rank is None or self.lora_rank >= 0, "model.lora_rank",
+               "must be >= 0 (0: train the whole UNet)")
+        _check(0.0 <= self.caption_dropout < 1.0, "model.caption_dropout", "must be in [0, 1)")
+        _check("{class}" in self.caption_template, "model.caption_template",
+               "must contain {class}, e.g. 'a photo of a {class}'")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
         _check(self.num_train_timesteps >= 2, "model.num_train_timesteps", "must be >= 2")
         _check(0 < self.beta_start < self.beta_end < 1, "model.beta_start/beta_end",
@@ -183,6 +204,9 @@ class SamplingConfig:
     save_trajectory: bool = _help(
         "keep the predicted clean image at every step (needed by Journey TRAK)", True
     )
+    guidance_scale: float = _help(
+        "classifier-free guidance of text-conditioned models (diffusers' default 7.5; 1: none)",
+        7.5)
 
     def validate(self) -> None:
         _check(self.n_images >= 1, "sampling.n_images", "must be >= 1")
@@ -620,7 +644,29 @@ def _celeba() -> Config:
     )
 
 
+def _artbench2() -> Config:
+    # The paper's Stable Diffusion + LoRA recipe on ArtBench-2 (SPEC 8.1). Give the base with
+    # --set model.pretrained=SD_DIR (a local Stable Diffusion 1.x folder) and the images with
+    # --set data.root=ARTBENCH.
+    return Config(
+        name="artbench2",
+        data=DataConfig(name="artbench", resolution=256, train_size=5000, val_size=1000),
+        model=ModelConfig(family="sd-lora", lora_rank=128, lora_alpha=128.0,
+                          caption_template="a {class} painting", caption_dropout=0.1,
+                          dropout=0.0),
+        train=TrainConfig(epochs=100, batch_size=64, lr=3e-4, adam_beta1=0.9,
+                          weight_decay=1e-6, warmup_frac=0.1, grad_clip=1.0, hflip=True,
+                          mixed_precision="fp16"),
+        sampling=SamplingConfig(n_images=1000, steps=50, eta=0.0, guidance_scale=7.5,
+                                save_trajectory=False, batch_size=16),
+        attribution=AttributionConfig(proj_dim=32768, projector="gaussian"),
+        lds=LDSConfig(),
+        counterfactual=CounterfactualConfig(),
+    )
+
+
 PRESETS = {
+    "artbench2": _artbench2,
     "digits": _digits,
     "tiny": _tiny,
     "cifar2-cpu": _cifar2_cpu,

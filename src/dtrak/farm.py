@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .artefacts import open_npy
 from .config import ConfigError, ModelConfig, RuntimeConfig, TrainConfig, section_from_dict, to_dict
+from .families import CaptionedImages
 from .ray_executor import RayExecutor
 from .runtime import resolve_device, set_threads
 from .train import train_model
@@ -185,6 +186,10 @@ def run_job(job: TrainJob | dict, progress: bool = False, device: str = "cpu") -
     job = TrainJob.from_dict(job) if isinstance(job, dict) else job
     images = open_npy(job.images, mode="r")
     data = torch.from_numpy(np.ascontiguousarray(images[np.asarray(job.indices)]))
+    captions = Path(job.images).with_suffix(".captions.json")
+    if captions.exists():  # a text-conditioned family: each image with its caption
+        texts = json.loads(captions.read_text())
+        data = CaptionedImages(data, tuple(texts[i] for i in job.indices))
     train_model(
         data,
         section_from_dict(ModelConfig, job.model, "model"),

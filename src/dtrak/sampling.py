@@ -51,12 +51,14 @@ def sample_loop(
     keep_trajectory: bool,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    clamp: bool = True,
 ) -> SampleBatch:
     """Generate the images with ids ``image_ids`` ([C, H, W] each) in one batch.
 
     ``scheduler`` is a diffusers scheduler (DDIM or DDPM); its timesteps are set to
     ``cfg.steps``. Returns images clamped to [-1, 1] on the CPU in float32; ``trajectory``
-    holds x0_hat per step (unclamped) when ``keep_trajectory``.
+    holds x0_hat per step (unclamped) when ``keep_trajectory``. ``clamp=False`` leaves the
+    result unclamped (latents, which a VAE then decodes).
     """
     scheduler.set_timesteps(cfg.steps)
     gens = [torch.Generator().manual_seed(image_seed(cfg.gen_seed, i)) for i in image_ids]
@@ -70,6 +72,6 @@ def sample_loop(
         x = out.prev_sample
         if keep_trajectory:
             traj.append(out.pred_original_sample.float().cpu())
-    images = x.clamp(-1, 1).float().cpu()
+    images = (x.clamp(-1, 1) if clamp else x).float().cpu()
     trajectory = torch.stack(traj, dim=1) if keep_trajectory else None
     return SampleBatch(images, trajectory, scheduler.timesteps.clone())

@@ -166,6 +166,28 @@ def _step_randomness(step: int, noise_seed: int, batch: int, noise_shape, T: int
     return t, eps, flip
 
 
+def _flip(images: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+    if flip is None:
+        return images
+    return torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
+
+
+def _training_batch(data, pos: np.ndarray, flip: torch.Tensor | None, device):
+    """The examples at ``pos`` on ``device``, images flipped where ``flip`` says: a tensor
+    of images, or a dict with ``images`` (and the rest, e.g. captions, as it is)."""
+    batch = data[torch.as_tensor(pos)]
+    if isinstance(batch, dict):
+        return {**batch, "images": _flip(batch["images"].to(device), flip)}
+    return _flip(batch.to(device), flip)
+
+
+def _take(data, indices: np.ndarray):
+    """The examples at ``indices``: a tensor's rows or an example set's ``select``."""
+    if isinstance(data, torch.Tensor):
+        return data[torch.as_tensor(np.asarray(indices))]
+    return data.select(np.asarray(indices))
+
+
 @dataclass
 class _Session:
     """What the loop updates: the model, its optimiser and schedule, and where it stands."""
@@ -188,7 +210,11 @@ def _accelerator(cfg: TrainConfig, device: str | torch.device) -> Accelerator:
     device = torch.device(device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device.index)
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type != "cuda")
+    precision = cfg.mixed_precision
+    if precision == "fp16" and device.type != "cuda":  # fp16 where the device allows it
+        log.info("train.mixed_precision = fp16 needs a GPU; training in float32 on %s", device)
+        precision = "no"
+    return Accelerator(mixed_precision=precision, cpu=device.type != "cuda")
 
 
 def _setup(family: ModelFamily, model_cfg: ModelConfig, cfg: TrainConfig, example_shape,
@@ -230,19 +256,18 @@ def _loop(session: _Session, data: torch.Tensor, model_cfg: ModelConfig, cfg: Tr
     model.train()
     adapter = family.adapter(model)
     abar = family.scheduler(model_cfg).alphas_cumprod.to(accel.device)
-    noise_shape = family.noise_shape(data.shape[1:])
-    n, T = data.shape[0], model_cfg.num_train_timesteps
+    noise_shape = family.model_noise_shape(session.model, data.shape[1:])
+    n, T = len(data), model_cfg.num_train_timesteps
     t0, loss_val = time.time(), float("nan")
     with open(directory / "stats.jsonl", "a") as stats:
         for step in bar:
             pos = _batch_indices(n, cfg.batch_size, seed, step)
-            batch = data[torch.as_tensor(pos)].to(accel.device)
             t, eps, flip = _step_randomness(step, noise_seed, len(pos), noise_shape, T, cfg.hflip)
             t, eps = t.to(accel.device), eps.to(accel.device)
-            if flip is not None:
-                batch = torch.where(flip.to(accel.device)[:, None, None, None], batch.flip(-1),
-                                    batch)
-            x0, cond = adapter.prepare(batch)
+            batch = _training_batch(data, pos, flip, accel.device)
+            # the family's own draws (e.g. latents from a VAE posterior, dropped captions)
+            g = torch.Generator().manual_seed(seed_from(noise_seed, "inputs", step))
+            x0, cond = family.training_inputs(adapter, batch, model_cfg, g)
             with accel.autocast():
                 loss = family.training_loss(adapter, x0, cond, t, eps, abar)
             loss_val = loss.item()
@@ -333,7 +358,8 @@ def train_model(
 ) -> TrainResult:
     """Train a model of ``model_cfg.family`` on ``images[indices]`` and save it.
 
-    ``images`` are the raw examples ([N, C, H, W] in [-1, 1]). ``seed`` (default
+    ``images`` are the raw examples ([N, C, H, W] in [-1, 1], or an example set such as
+    :class:`~dtrak.families.CaptionedImages` with ``select`` and ``shape``). ``seed`` (default
     ``train_cfg.seed``) fixes batch order and dropout; ``init_seed`` and ``noise_seed``
     default to it and fix the initial weights and the timestep/noise stream (common random
     numbers use one init_seed/noise_seed for many subsets). Resumes from the newest
@@ -345,8 +371,8 @@ def train_model(
     seed = train_cfg.seed if seed is None else seed
     init_seed = seed if init_seed is None else init_seed
     noise_seed = seed if noise_seed is None else noise_seed
-    data = images if indices is None else images[torch.as_tensor(np.asarray(indices))]
-    n = data.shape[0]
+    data = images if indices is None else _take(images, indices)
+    n = len(data)
     if n == 0:
         raise ValueError("train_model: no training examples (empty index list)")
     steps = total_steps(train_cfg, n)

@@ -4,6 +4,7 @@
 family     models
 =========  ==================================================================
 unet2d     pixel-space diffusers ``UNet2DModel`` (the paper's CIFAR / CelebA)
+sd-lora    Stable Diffusion + peft LoRA (the paper's ArtBench), or a whole text UNet
 =========  ==================================================================
 
 To add one: write a module with a :class:`~dtrak.families.base.ModelFamily` subclass and
@@ -22,14 +23,18 @@ from .base import (
     load_scheduler,
     register_family,
 )
+from .sd_lora import CaptionedImages, EncodedExamples, SDLoRAFamily, TextToImageAdapter
 from .unet2d import LabelledImages, UNet2DAdapter, UNet2DFamily
 
 __all__ = [
     "FAMILIES",
+    "CaptionedImages",
     "Cond",
+    "EncodedExamples",
     "DiffusionAdapter",
     "LabelledImages",
     "ModelFamily",
+    "TextToImageAdapter",
     "UNet2DAdapter",
     "count_parameters",
     "get_family",
@@ -38,3 +43,4 @@ __all__ = [
 ]
 
 register_family(UNet2DFamily())
+register_family(SDLoRAFamily())

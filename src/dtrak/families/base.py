@@ -144,6 +144,21 @@ class ModelFamily(ABC):
         """Shape of one example's ``x0`` (and of its noise) given its raw shape."""
         return tuple(example_shape)
 
+    def model_noise_shape(self, model: torch.nn.Module, example_shape: Sequence[int]
+                          ) -> tuple[int, ...]:
+        """Shape of one example's ``x0`` for this model (a latent model's latent shape)."""
+        return self.noise_shape(example_shape)
+
+    def examples(self, images: torch.Tensor, labels: Any, class_names: Sequence[str],
+                 cfg: ModelConfig, captions: Sequence[str] | None = None) -> Any:
+        """The raw examples of images with their labels (default: the images alone)."""
+        return images
+
+    def training_inputs(self, adapter: DiffusionAdapter, batch: Any, cfg: ModelConfig,
+                        generator: torch.Generator) -> tuple[torch.Tensor, Cond]:
+        """``(x0, conditioning)`` of a training batch (randomness from ``generator``)."""
+        return adapter.prepare(batch)
+
     def training_loss(self, adapter: DiffusionAdapter, x0: torch.Tensor, cond: Cond,
                       t: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Tensor
                       ) -> torch.Tensor:

@@ -9,9 +9,8 @@ registration line (a module may also offer a ``build(name)`` for families of nam
 
 from __future__ import annotations
 
-from . import baselines, das, kernel, pool
-from .base import (Context, Method, PoolNeed, default_lambda, lambda_scale,
-                   method_lambda_grid)
+from . import baselines, das, influence, kernel, pool
+from .base import Context, Method, PoolNeed, default_lambda, lambda_scale, method_lambda_grid
 
 __all__ = [
     "METHODS",
@@ -51,6 +50,7 @@ def get_method(name: str) -> Method:
 
 
 # the registration line: a module's METHODS, and its builder of names if it has one
-for _method in (*kernel.METHODS, *baselines.METHODS, *pool.METHODS, *das.METHODS):
+for _method in (*kernel.METHODS, *baselines.METHODS, *pool.METHODS, *das.METHODS,
+                *influence.METHODS):
     register(_method)
 _BUILDERS = (kernel.build, pool.build)

@@ -70,6 +70,7 @@ class Method:
     # chosen on the relative grid
     lambda_scale: Callable | None = None  # (ctx) -> float
     lambda_prior: float | None = None  # prior relative lambda (None: by its output function)
+    config: tuple[str, ...] = ()  # config sections of its own that its scores depend on
 
     def applies_to(self, set_name: str) -> bool:
         return self.sets is None or set_name in self.sets

@@ -109,7 +109,7 @@ def das_method(name: str, leave_one_out: bool, square: bool, description: str) -
                                   residual_weights_of(ctx), lam, leave_one_out, square)
 
     return Method(name, description, _SIGN, score, uses_lambda=True, output=_OUTPUT,
-                  feature=_UNIT)
+                  feature=_UNIT, config=("das",))
 
 
 METHODS = (

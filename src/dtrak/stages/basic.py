@@ -9,10 +9,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..artefacts import create_npy, open_npy
+from ..artefacts import create_npy, open_npy, save_json
 from ..config import Config
 from ..data import save_split_indices
-from ..families import ModelFamily
+from ..families import CaptionedImages, ModelFamily
+from ..families.sd_lora import caption_of
 from ..images import save_grid, save_pngs
 from ..train import train_model
 from .run import Run
@@ -35,8 +36,14 @@ def stage_data(run: Run) -> dict:
 
 
 def train_images_file(run: Run) -> Path:
-    """The training images as one ``.npy`` file that farm workers read."""
+    """The training images as one ``.npy`` file that farm workers read (with their captions
+    beside it, ``train_images.captions.json``, for a text-conditioned family)."""
     path = run.paths.data / "train_images.npy"
+    examples = run.train_examples
+    captions = path.with_suffix(".captions.json")
+    if isinstance(examples, CaptionedImages) and not captions.exists():
+        run.paths.data.mkdir(parents=True, exist_ok=True)
+        save_json(captions, list(examples.captions))
     if not path.exists():
         run.paths.data.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")
@@ -47,8 +54,7 @@ def train_images_file(run: Run) -> Path:
 
 def stage_train(run: Run) -> dict:
     """Train the full model on the whole training split (resumes from checkpoints)."""
-    ds = run.dataset
-    res = train_model(ds.train.images, run.cfg.model, run.cfg.train, run.paths.model,
+    res = train_model(run.train_examples, run.cfg.model, run.cfg.train, run.paths.model,
                       progress=run.progress, desc="train full model",
                       device=run.placement.device)
     return {"steps": res.steps, "final_loss": res.final_loss,
@@ -58,8 +64,11 @@ def stage_train(run: Run) -> dict:
 
 def generate_into(family: ModelFamily, model, run_cfg: Config, directory: Path, n: int,
                   progress: bool = True, desc: str = "generate",
-                  keep_trajectory: bool | None = None) -> np.ndarray:
-    """Generate images 0..n-1 into ``directory`` (resumable by batch); returns [n, C, H, W]."""
+                  keep_trajectory: bool | None = None,
+                  prompts: list[str] | None = None) -> np.ndarray:
+    """Generate images 0..n-1 into ``directory`` (resumable by batch); returns [n, C, H, W].
+
+    A text-conditioned model generates image i from ``prompts[i]`` (kept in prompts.json)."""
     sc = run_cfg.sampling
     keep = sc.save_trajectory if keep_trajectory is None else keep_trajectory
     directory.mkdir(parents=True, exist_ok=True)
@@ -73,11 +82,14 @@ def generate_into(family: ModelFamily, model, run_cfg: Config, directory: Path, 
     done = _memmap(directory / "done.npy", (n,), np.uint8)
     traj = (_memmap(directory / "trajectory.npy", (n, sc.steps, *shape), np.float16)
             if keep else None)
+    if prompts is not None:
+        save_json(directory / "prompts.json", list(prompts))
     todo = np.flatnonzero(done == 0)
     bar = tqdm(total=n, initial=n - len(todo), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(todo), sc.batch_size):
         ids = todo[start:start + sc.batch_size]
-        out = family.sample(model, run_cfg.model, sc, [int(i) for i in ids], keep)
+        text = {} if prompts is None else {"prompts": [prompts[int(i)] for i in ids]}
+        out = family.sample(model, run_cfg.model, sc, [int(i) for i in ids], keep, **text)
         imgs[ids] = out.images.numpy()
         if traj is not None:
             traj[ids] = out.trajectory.numpy().astype(np.float16)
@@ -108,7 +120,13 @@ def stage_generate(run: Run) -> dict:
     """Generate the run's sample set: images.npy, PNG files and a grid."""
     model = run.model()
     n = run.cfg.sampling.n_images
-    images = generate_into(run.family, model, run.cfg, run.paths.gen, n, run.progress)
+    prompts = None
+    if getattr(run.family, "text_conditioned", False):  # image i: the class i mod C
+        names = run.dataset.class_names
+        prompts = [caption_of(run.cfg.model.caption_template, names[i % len(names)])
+                   for i in range(n)]
+    images = generate_into(run.family, model, run.cfg, run.paths.gen, n, run.progress,
+                           prompts=prompts)
     png_dir = run.paths.gen / "png"
     if not (png_dir / f"{n - 1:06d}.png").exists():
         save_pngs(torch.from_numpy(images), png_dir)

@@ -41,15 +41,18 @@ def _evaluate(run: Run, name: str, set_name: str, masks, truth, preds_out: dict
     c, ctx = run.cfg.lds, run.context
     method = get_method(name)
     ensure_pool(run, method, [set_name])
+    t0 = time.time()  # the method's own cost: features, factors and scores it computes here
     common = {"method": name, "targets": set_name, "n_subsets": int(masks.shape[0]),
               "n_targets": int(truth.shape[-1]), "n_seeds": int(truth.shape[0]),
               "n_timesteps": method.n_timesteps or run.cfg.attribution.n_timesteps,
               "proj_dim": run.cfg.attribution.proj_dim, "projector": run.cfg.attribution.projector}
     if not method.uses_lambda:
         scores = method.score(ctx, set_name, None)
+        seconds = time.time() - t0
         res = lds_math.lds(scores, masks, truth, c.n_boot)
         preds_out[f"{name}/{set_name}/none"] = lds_math.predicted_outputs(scores, masks)
-        return [{**common, **res.to_dict(), "lambda": None, "lambda_selection": None}], []
+        return [{**common, **res.to_dict(), "lambda": None, "lambda_selection": None,
+                 "seconds": seconds}], []
     lams = method_lambda_grid(ctx, method)
     scale = lambda_scale(ctx, method)
     if method.kernel:
@@ -61,6 +64,7 @@ def _evaluate(run: Run, name: str, set_name: str, masks, truth, preds_out: dict
         scores, preds = None, solver.predicted_outputs_sweep(feats, lams, masks)
     else:
         scores, preds = np.stack([method.score(ctx, set_name, lam) for lam in lams]), None
+    seconds = time.time() - t0
     records = []
     curve = None
     for mode in ("paper", "heldout"):
@@ -72,7 +76,7 @@ def _evaluate(run: Run, name: str, set_name: str, masks, truth, preds_out: dict
         records.append({**common, "lds": sel["lds"], "ci_low": sel["ci_low"],
                         "ci_high": sel["ci_high"], "lambda": sel["lam"],
                         "lambda_rel": sel["lam"] / scale,
-                        "lambda_selection": mode,
+                        "lambda_selection": mode, "seconds": seconds,
                         **({"lambdas_heldout": sel["lams_heldout"]} if mode == "heldout" else {})})
         curve = {"method": name, "targets": set_name, "lambdas": sel["lams"],
                  "lds": sel["lds_by_lambda"]}

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import lds as lds_math
-from ..artefacts import load_npy, save_npy
+from ..artefacts import digest, load_npy, save_npy
 from ..config import to_dict
 from ..families import DiffusionAdapter
 from ..farm import TrainJob, save_jobs, train_jobs
@@ -118,7 +118,7 @@ def train_pool(run: Run, pool: Pool, only: Sequence[TrainJob] | None = None,
     return jobs
 
 
-def model_losses(adapter: DiffusionAdapter, targets: torch.Tensor, sched: ScheduleConstants,
+def model_losses(adapter: DiffusionAdapter, targets, sched: ScheduleConstants,
                  ts: torch.Tensor, noise_seeds: Iterable[int]) -> np.ndarray:
     """L_Simple ``[T]`` of one model on targets: mean over ``ts`` and noise seeds.
 
@@ -139,7 +139,14 @@ def _table_meta(run: Run, jobs: Sequence[TrainJob], targets: torch.Tensor, ts: t
     return {"shape": [S, len(jobs) // S, int(targets.shape[0])], "timesteps": ts.tolist(),
             "noise_seeds": list(run.cfg.lds.noise_seeds), "models": [j.name for j in jobs],
             "dtype": run.cfg.runtime.dtype,
-            "targets_sha1": hashlib.sha1(targets.float().numpy().tobytes()).hexdigest()}
+            "targets_sha1": _targets_sha1(targets)}
+
+
+def _targets_sha1(targets) -> str:
+    """Content hash of the targets: an image tensor's bytes, or an example set's digest."""
+    if isinstance(targets, torch.Tensor):
+        return hashlib.sha1(targets.float().numpy().tobytes()).hexdigest()
+    return digest(targets)
 
 
 def pool_losses(run: Run, pool: Pool, jobs: Sequence[TrainJob], set_name: str,

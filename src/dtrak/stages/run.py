@@ -106,6 +106,13 @@ class Run:
         return get_family(self.cfg.model.family)
 
     @cached_property
+    def train_examples(self):
+        """The training examples as the family takes them (images, or captioned images)."""
+        ds = self.dataset
+        return self.family.examples(ds.train.images, ds.train.labels, ds.class_names,
+                                    self.cfg.model)
+
+    @cached_property
     def placement(self) -> Placement:
         return placement(self.cfg.runtime)
 
@@ -131,17 +138,23 @@ class Run:
         """The attribution context of the run (targets cut to ``attribution.n_targets``)."""
         ds = self.dataset
         n = self.cfg.attribution.n_targets
-        sets = {"val": ds.val.images[:n]}
+        fam, mc = self.family, self.cfg.model
+        sets = {"val": fam.examples(ds.val.images[:n], ds.val.labels[:n], ds.class_names, mc)}
         trajectories, sampler_ts = {}, None
         gen = self.paths.gen
         if _generated(gen):
-            sets["gen"] = torch.from_numpy(load_npy(gen / "images.npy")[:n])
+            images = torch.from_numpy(load_npy(gen / "images.npy")[:n])
+            prompts = gen / "prompts.json"
+            captions = (json.loads(prompts.read_text())[: len(images)] if prompts.exists()
+                        else None)
+            sets["gen"] = images if captions is None else fam.examples(
+                images, None, ds.class_names, mc, captions=captions)
             if (gen / "trajectory.npy").exists():
                 trajectories["gen"] = torch.from_numpy(
                     open_npy(gen / "trajectory.npy", mode="r")[:n].astype(np.float32))
             if (gen / "meta.json").exists():
                 sampler_ts = json.loads((gen / "meta.json").read_text()).get("timesteps")
-        return Context(self.cfg, self.family, ds.train.images, sets, self.paths.model / "unet",
+        return Context(self.cfg, self.family, self.train_examples, sets, self.paths.model / "unet",
                        self.paths.features, paths=self.paths, placement=self.placement,
                        trajectories=trajectories, sampler_timesteps=sampler_ts,
                        progress=self.progress)

@@ -29,10 +29,12 @@ def score_method(run: Run, method: Method, set_name: str, lam: float | None) -> 
 def scores_source(run: Run, method: Method, set_name: str) -> str:
     """A digest of what a score matrix is made from: the config sections it depends on (the
     pool's ``lds`` section for methods that read retrained models, ``sampling`` for generated
-    targets), the model dtype and the target images themselves."""
+    targets, the method's own sections such as ``das``), the model dtype and the target
+    images themselves."""
     sections = ["data", "model", "train", "attribution"]
     sections += ["sampling"] if set_name == "gen" else []
     sections += ["lds"] if method.pool is not None else []
+    sections += list(method.config)
     cfg = {s: {k: v for k, v in to_dict(getattr(run.cfg, s)).items()
                if f"{s}.{k}" not in RESULT_NEUTRAL_KEYS} for s in sections}
     return digest(cfg, run.cfg.runtime.dtype, run.context.examples(set_name))
