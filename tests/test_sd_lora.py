@@ -221,7 +221,13 @@ outputs = ["loss", "square"]
 n_timesteps = 2
 proj_dim = 32
 batch_size = 4
-methods = ["trak", "dtrak", "kernel-avg", "random", "grad-cos"]
+methods = ["trak", "dtrak", "kernel-avg", "random", "grad-cos", "das", "ekfac-if"]
+[das]
+residual_timesteps = 5
+[influence]
+factor_draws = 2
+train_draws = 2
+target_draws = 2
 [lds]
 n_subsets = 3
 seeds = [0]
@@ -250,7 +256,11 @@ def test_tiny_sd_lora_run_end_to_end(sd_dir, tmp_path):
     assert prompts == ["a post impressionism painting", "a ukiyo e painting"] * 2
     lds = json.loads((out / "results" / "lds.json").read_text())
     methods = {r["method"] for r in lds["records"]}
-    assert {"trak", "dtrak", "kernel-avg", "random", "grad-cos"} <= methods
+    assert {"trak", "dtrak", "kernel-avg", "random", "grad-cos", "das", "ekfac-if"} <= methods
+    # DAS and the influence method see the LoRA parameters only (K-FAC: the LoRA Linears)
+    meta = json.loads(next((out / "features" / "full" / "train").glob("influence-*/meta.json"))
+                      .read_text())
+    assert meta["modules"] and all("lora_" in name for name in meta["modules"])
     assert all(np.isfinite(r["lds"]) for r in lds["records"])
     assert (out / "report" / "index.html").is_file()
     assert len(list((out / "lds" / "models").glob("m*/unet/" + LORA_FILE))) == 3

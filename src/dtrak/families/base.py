@@ -154,6 +154,11 @@ class ModelFamily(ABC):
         """The raw examples of images with their labels (default: the images alone)."""
         return images
 
+    def generation_prompts(self, class_names: Sequence[str], cfg: ModelConfig, n: int
+                           ) -> list[str] | None:
+        """The prompts of generated images ``0..n-1`` (None: the family takes no text)."""
+        return None
+
     def training_inputs(self, adapter: DiffusionAdapter, batch: Any, cfg: ModelConfig,
                         generator: torch.Generator) -> tuple[torch.Tensor, Cond]:
         """``(x0, conditioning)`` of a training batch (randomness from ``generator``)."""

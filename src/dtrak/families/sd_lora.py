@@ -431,7 +431,6 @@ class SDLoRAFamily(ModelFamily):
     name = "sd-lora"
     description = ("Stable Diffusion (diffusers UNet2DConditionModel + CLIP text encoder + "
                    "optional VAE) with a peft LoRA adapter, or the whole UNet")
-    text_conditioned = True
 
     def build(self, cfg: ModelConfig, example_shape: Sequence[int], seed: int | None = None
               ) -> TextToImage:
@@ -506,6 +505,12 @@ class SDLoRAFamily(ModelFamily):
             return (c, h, w)
         f = 2 ** (len(model.vae.config.block_out_channels) - 1)
         return (int(model.vae.config.latent_channels), h // f, w // f)
+
+    def generation_prompts(self, class_names: Sequence[str], cfg: ModelConfig, n: int
+                           ) -> list[str]:
+        """Image i is prompted with the caption of class ``i mod C``."""
+        return [caption_of(cfg.caption_template, class_names[i % len(class_names)])
+                for i in range(n)]
 
     def training_inputs(self, adapter: TextToImageAdapter, batch: dict, cfg: ModelConfig,
                         generator: torch.Generator) -> tuple[torch.Tensor, Cond]:

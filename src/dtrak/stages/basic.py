@@ -13,7 +13,6 @@ from ..artefacts import create_npy, open_npy, save_json
 from ..config import Config
 from ..data import save_split_indices
 from ..families import CaptionedImages, ModelFamily
-from ..families.sd_lora import caption_of
 from ..images import save_grid, save_pngs
 from ..train import train_model
 from .run import Run
@@ -120,11 +119,7 @@ def stage_generate(run: Run) -> dict:
     """Generate the run's sample set: images.npy, PNG files and a grid."""
     model = run.model()
     n = run.cfg.sampling.n_images
-    prompts = None
-    if getattr(run.family, "text_conditioned", False):  # image i: the class i mod C
-        names = run.dataset.class_names
-        prompts = [caption_of(run.cfg.model.caption_template, names[i % len(names)])
-                   for i in range(n)]
+    prompts = run.family.generation_prompts(run.dataset.class_names, run.cfg.model, n)
     images = generate_into(run.family, model, run.cfg, run.paths.gen, n, run.progress,
                            prompts=prompts)
     png_dir = run.paths.gen / "png"
