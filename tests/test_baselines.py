@@ -306,7 +306,8 @@ def _pool_world(tmp_path, n_train: int, n_pool: int, seed: int):
     run = Run(RunPaths(tmp_path), cfg, progress=False)
     ctx = _context(cfg, train, {"val": val}, tmp_path, paths=run.paths)
     run.__dict__["dataset"] = SimpleNamespace(  # a stand-in data set: just what pools read
-        train=SimpleNamespace(images=train, labels=np.array(labels)))
+        train=SimpleNamespace(images=train, labels=np.array(labels), files=None),
+        class_names=["0", "1"])
     run.__dict__["context"] = ctx
     return cfg, run, train, val, labels
 

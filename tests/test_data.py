@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -139,10 +138,7 @@ def test_cifar2_paper_split_from_shared_folder(monkeypatch):
     if not (root / "train").is_dir():
         pytest.skip(f"shared CIFAR-10 folder {root} is absent")
     cfg = DataConfig(name="cifar2", root=str(root))
-    t0 = time.perf_counter()
     ds = load_dataset(cfg)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 20, f"loading CIFAR-2 took {elapsed:.1f} s"
     assert ds.class_names == ["automobile", "horse"]
     assert ds.train.images.shape == (5000, 3, 32, 32) and ds.val.images.shape == (1000, 3, 32, 32)
     assert np.bincount(ds.train.labels).tolist() == [2500, 2500]

@@ -9,16 +9,18 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from peft import LoraConfig
 from PIL import Image
 
+from dtrak.artefacts import DamagedArtefactError, digest
 from dtrak.cli import main
 from dtrak.config import ConfigError, ModelConfig, SamplingConfig, TrainConfig
 from dtrak.data import load_image_folder
-from dtrak.families import CaptionedImages, get_family
+from dtrak.families import CaptionedImages, EncodedExamples, get_family
 from dtrak.families.sd_components import tiny_unet, tiny_vae, write_pipeline
-from dtrak.families.sd_lora import LORA_FILE, load_lora
+from dtrak.families.sd_lora import LORA_FILE, TextToImage, load_lora
+from dtrak.featurize import FeatureSpec, featurize_into
 from dtrak.gradients import per_sample_gradients, reference_gradients
 from dtrak.noise import ScheduleConstants
 from dtrak.train import train_model
@@ -264,6 +266,12 @@ def test_tiny_sd_lora_run_end_to_end(sd_dir, tmp_path):
     assert all(np.isfinite(r["lds"]) for r in lds["records"])
     assert (out / "report" / "index.html").is_file()
     assert len(list((out / "lds" / "models").glob("m*/unet/" + LORA_FILE))) == 3
+    # every set encoded once, in RUN/cache; the subset models read the training set's cache
+    for name in ("train", "val", "gen"):
+        assert (out / "cache" / name / "latents.npy").is_file()
+    assert (out / "cache" / "train" / "flipped.npy").is_file()  # train.hflip (default)
+    pointer = json.loads((out / "data" / "train_images.cache.json").read_text())
+    assert (out / "data" / pointer["directory"]).resolve() == (out / "cache" / "train").resolve()
     again = runner.invoke(main, ["run", str(config), "--out", str(out), "--set",
                                  f"data.root='{data}'", "--quiet"])
     assert again.exit_code == 0, again.output + repr(again.exception)
@@ -298,3 +306,146 @@ def test_attribute_own_lora_from_cli(sd_dir, tmp_path):
 
 def load_images(folder: Path) -> torch.Tensor:
     return load_image_folder(folder, resolution=16, channels=3)[0]
+
+
+def _no_encoding(monkeypatch) -> None:
+    """Make the VAE and the text encoder refuse to run."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("encoded again")
+    monkeypatch.setattr(TextToImage, "encode_text", refuse)
+    monkeypatch.setattr(AutoencoderKL, "encode", refuse)
+
+
+def test_encoding_cache_written_once_reused_and_checked(sd_dir, tmp_path, monkeypatch,
+                                                        caplog):
+    fam, cfg = get_family("sd-lora"), _cfg(sd_dir)
+    data, cache = _examples(5), tmp_path / "cache"
+    enc = fam.cached_examples(data, cfg, cache, flips=True)
+    assert isinstance(enc, EncodedExamples) and enc.shape == data.shape and len(enc) == 5
+    files = {p.name for p in cache.iterdir()}
+    assert {"latents.npy", "latent_std.npy", "flipped.npy", "flipped_std.npy",
+            "embeddings.npy", "caption_index.npy", "meta.json"} <= files
+    assert enc.embeddings.shape[0] == 3  # two captions and the empty one
+    # the cached set has the digest of the captioned images it holds
+    assert digest(enc) == digest(data)
+    with monkeypatch.context() as m:  # read again: nothing is encoded
+        _no_encoding(m)
+        again = fam.cached_examples(data, cfg, cache, flips=True)
+        torch.testing.assert_close(again.latents, enc.latents, rtol=0, atol=0)
+        # the adapter takes encoded examples without its encoders
+        model = fam.build(cfg, (3, 16, 16), seed=0)
+        x0, cond = fam.adapter(model).prepare(again)
+        assert x0.shape == (5, 4, 8, 8) and cond["encoder_hidden_states"].shape == (5, 77, 32)
+    x_raw, c_raw = fam.adapter(model).prepare(data)
+    torch.testing.assert_close(x0, x_raw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cond["encoder_hidden_states"], c_raw["encoder_hidden_states"])
+    # a killed encoding resumes: only the missing file is computed
+    (cache / "flipped_std.npy").unlink()
+    with monkeypatch.context() as m:
+        m.setattr(TextToImage, "encode_text", lambda *a, **k: (_ for _ in ()).throw(
+            AssertionError("text encoded again")))
+        resumed = fam.cached_examples(data, cfg, cache, flips=True)
+    torch.testing.assert_close(resumed.flipped_std, enc.flipped_std)
+    # stale (other captions): encoded again, with a warning
+    other = CaptionedImages(data.images, ("a photo of a bird",) * 5)
+    with caplog.at_level("WARNING"):
+        fresh = fam.cached_examples(other, cfg, cache)
+    assert "stale" in caplog.text and fresh.embeddings.shape[0] == 2
+    # damaged: refused, naming the file to delete
+    path = cache / "latents.npy"
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(DamagedArtefactError, match="latents.npy.*delete"):
+        fam.cached_examples(other, cfg, cache)
+    (cache / "meta.json").write_text("{not json")
+    with pytest.raises(DamagedArtefactError, match="meta.json"):
+        fam.cached_examples(other, cfg, cache)
+
+
+def test_cached_training_and_features_equal_uncached(sd_dir, tmp_path, monkeypatch):
+    """Training on cached encodings (flips and caption dropout included) ends with the
+    weights of training on the images; features are the same with and without the cache."""
+    fam, cfg = get_family("sd-lora"), _cfg(sd_dir, caption_dropout=0.5)
+    tc = TrainConfig(steps=4, batch_size=3, lr=1e-3, checkpoint_every=4, hflip=True)
+    data = _examples(6)
+    enc = fam.cached_examples(data, cfg, tmp_path / "cache", flips=True)
+    ra = train_model(data, cfg, tc, tmp_path / "raw", progress=False, indices=np.arange(1, 6))
+    with monkeypatch.context() as m:
+        _no_encoding(m)
+        rb = train_model(enc, cfg, tc, tmp_path / "cached", progress=False,
+                         indices=np.arange(1, 6))
+    assert ra.final_loss == pytest.approx(rb.final_loss, rel=1e-5)
+    ma, mb = fam.load(tmp_path / "raw" / "unet"), fam.load(tmp_path / "cached" / "unet")
+    init = fam.build(cfg, (3, 16, 16), seed=tc.seed)
+    names = [n for n, _ in ma.unet.named_parameters() if ".lora_" in n]
+    pa, pb, p0 = (m.unet.state_dict() for m in (ma, mb, init))
+    moved = max(float((pa[n] - p0[n]).abs().max()) for n in names)
+    apart = max(float((pa[n] - pb[n]).abs().max()) for n in names)
+    # AdamW turns float rounding of near-zero gradients into steps of up to lr: the two runs
+    # agree far below what training moved the weights
+    assert moved > 2e-3 and apart < 0.05 * moved, (moved, apart)
+    adapter = fam.adapter(ma)
+    sched = ScheduleConstants.from_scheduler(fam.scheduler(cfg))
+    spec = FeatureSpec(output="loss", n_timesteps=2, proj_dim=16)
+    raw = featurize_into(adapter, data, tmp_path / "f-raw", spec, sched, "full", "train",
+                         batch_size=4, progress=False).load()
+    with monkeypatch.context() as m:
+        _no_encoding(m)
+        cached = featurize_into(adapter, enc, tmp_path / "f-cached", spec, sched, "full",
+                                "train", batch_size=4, progress=False).load()
+    np.testing.assert_allclose(cached, raw, rtol=1e-4, atol=1e-5)
+
+
+RUN_TOML = """
+stages = ["data", "train", "featurize"]
+[data]
+name = "imagefolder"
+resolution = 16
+train_size = 4
+val_size = 2
+[model]
+family = "sd-lora"
+lora_rank = 2
+caption_template = "a {{class}} painting"
+pretrained = "{sd}"
+dropout = 0.0
+[train]
+steps = 2
+batch_size = 2
+checkpoint_every = 2
+[attribution]
+outputs = ["loss"]
+n_timesteps = 1
+proj_dim = 8
+batch_size = 4
+methods = ["trak"]
+targets = ["val"]
+[runtime]
+threads = 1
+"""
+
+
+def test_run_takes_captions_from_metadata_jsonl(sd_dir, tmp_path):
+    """`dtrak run` on an image folder with a metadata.jsonl: each image is captioned from it
+    (training and validation); an image it lacks is refused, naming it and the file."""
+    data = _image_folder(tmp_path / "art", per_class=3)
+    files = sorted(data.rglob("*.png"))
+    texts = {p.relative_to(data).as_posix(): f"painting number {i}" for i, p in enumerate(files)}
+    lines = [json.dumps({"file_name": k, "text": v}) for k, v in texts.items()]
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    config = tmp_path / "run.toml"
+    config.write_text(RUN_TOML.format(sd=sd_dir))
+    args = ["run", str(config), "--out", str(tmp_path / "run"), "--set",
+            f"data.root='{data}'", "--quiet"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    for name, size in (("train", 4), ("val", 2)):
+        meta = json.loads((tmp_path / "run" / "cache" / name / "meta.json").read_text())
+        used = [c for c in meta["captions"] if c]
+        assert len(used) == size and set(used) <= set(texts.values()), used
+    assert (tmp_path / "run" / "features" / "full" / "val").is_dir()
+    # one image without a caption: refused, naming the image and the metadata file
+    (data / "metadata.jsonl").write_text("\n".join(lines[1:]) + "\n")
+    res = CliRunner().invoke(main, [*args[:3], str(tmp_path / "run2"), *args[4:]])
+    missing = files[0].name
+    assert res.exit_code != 0
+    assert missing in res.output and "metadata.jsonl" in res.output, res.output

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .artefacts import open_npy
 from .config import ConfigError, ModelConfig, RuntimeConfig, TrainConfig, section_from_dict, to_dict
-from .families import CaptionedImages
+from .families import CaptionedImages, get_family
 from .ray_executor import RayExecutor
 from .runtime import resolve_device, set_threads
 from .train import train_model
@@ -190,10 +190,18 @@ def run_job(job: TrainJob | dict, progress: bool = False, device: str = "cpu") -
     if captions.exists():  # a text-conditioned family: each image with its caption
         texts = json.loads(captions.read_text())
         data = CaptionedImages(data, tuple(texts[i] for i in job.indices))
+    model_cfg = section_from_dict(ModelConfig, job.model, "model")
+    train_cfg = section_from_dict(TrainConfig, job.train, "train")
+    pointer = Path(job.images).with_suffix(".cache.json")
+    if pointer.exists():  # the training set's encodings, cached by the run: read, not redone
+        cache = pointer.parent / json.loads(pointer.read_text())["directory"]
+        data = get_family(model_cfg.family).cached_examples(
+            data, model_cfg, cache, flips=train_cfg.hflip, device=resolve_device(device),
+            indices=job.indices)
     train_model(
         data,
-        section_from_dict(ModelConfig, job.model, "model"),
-        section_from_dict(TrainConfig, job.train, "train"),
+        model_cfg,
+        train_cfg,
         job.directory,
         seed=job.seed,
         init_seed=job.init_seed,

@@ -6,6 +6,11 @@ Run directory layout::
     RUN/data/splits.json                  chosen source indices and labels of train / val
     RUN/data/content.json                 digests of the train / val images
     RUN/data/summary.json, preview.png    sizes, class counts, a grid of training images
+    RUN/data/train_images.npy             the training images farm workers read (with
+                                          .captions.json and .cache.json, the encoding
+                                          cache they read, for a text-conditioned family)
+    RUN/cache/<set>/                      a set (train, val, gen) encoded once: latents and
+                                          text embeddings (dtrak.families.sd_lora)
     RUN/model/                            the full model (see dtrak.train for its layout)
     RUN/gen/images.npy, done.npy          generated images [N, C, H, W] in [-1, 1], done mask
     RUN/gen/trajectory.npy                predicted x0 at every sampling step [N, S, C, H, W]
@@ -76,6 +81,11 @@ class RunPaths:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def cache(self) -> Path:
+        """Encoded example sets (a latent model's latents and text embeddings)."""
+        return self.root / "cache"
 
     @property
     def lds(self) -> Path:

@@ -174,8 +174,12 @@ def _flip(images: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
 
 def _training_batch(data, pos: np.ndarray, flip: torch.Tensor | None, device):
     """The examples at ``pos`` on ``device``, images flipped where ``flip`` says: a tensor
-    of images, or a dict with ``images`` (and the rest, e.g. captions, as it is)."""
+    of images, or a dict with ``images`` (and the rest, e.g. captions, as it is); a dict of
+    already-encoded examples (no ``images``) gets the flips as ``flip`` for the family's
+    ``training_inputs`` to apply."""
     batch = data[torch.as_tensor(pos)]
+    if isinstance(batch, dict) and "images" not in batch:
+        return {**batch, "flip": flip}  # already-encoded examples: the family mirrors them
     if isinstance(batch, dict):
         return {**batch, "images": _flip(batch["images"].to(device), flip)}
     return _flip(batch.to(device), flip)

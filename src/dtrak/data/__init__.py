@@ -33,7 +33,15 @@ naming the file, path or value and the fix.
 
 from __future__ import annotations
 
-from .files import IMAGE_EXTENSIONS, DataError, list_images, load_image_folder, resize_images
+from .files import (
+    IMAGE_EXTENSIONS,
+    METADATA_FILE,
+    DataError,
+    list_images,
+    load_image_folder,
+    metadata_captions,
+    resize_images,
+)
 from .loaders import (
     ARTBENCH2_STYLES,
     CIFAR10_CLASSES,
@@ -61,12 +69,14 @@ __all__ = [
     "DataError",
     "Dataset",
     "IMAGE_EXTENSIONS",
+    "METADATA_FILE",
     "Split",
     "list_images",
     "download_cifar10",
     "load_dataset",
     "load_image_folder",
     "load_split_indices",
+    "metadata_captions",
     "register_dataset",
     "resize_images",
     "save_split_indices",

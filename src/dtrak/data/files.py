@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -213,3 +214,49 @@ def load_image_folder(
     mode = _image_mode(paths[0], channels)
     images = _load_files(paths, mode, resolution, resize_hint="resolution")
     return images, paths
+
+
+METADATA_FILE = "metadata.jsonl"
+
+
+def _read_metadata(meta: Path) -> dict[Path, str]:
+    """``resolved image path -> text`` of one metadata.jsonl (one JSON object per line with
+    ``file_name``, relative to the file's folder, and ``text``)."""
+    out: dict[Path, str] = {}
+    for n, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out[(meta.parent / row["file_name"]).resolve()] = str(row["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{meta} line {n}: expected a JSON object with \"file_name\" and "
+                            f"\"text\" ({e}); fix that line") from e
+    return out
+
+
+def metadata_captions(files: Sequence[Path], root: str | Path) -> list[str] | None:
+    """The caption of each image file from a ``metadata.jsonl`` with ``file_name`` and
+    ``text`` columns (the diffusers / datasets image-folder convention): the nearest one
+    from the image's folder up to ``root``. None when ``root`` has no metadata.jsonl (at
+    its top, or in its ``train``/``test`` folders): the images take class captions then.
+    An image that no metadata.jsonl captions is refused, naming the image and the file."""
+    root = Path(root).expanduser().resolve()
+    if not any((root / d / METADATA_FILE).is_file() for d in ("", "train", "test")):
+        return None
+    tables: dict[Path, dict[Path, str]] = {}
+    out = []
+    for f in files:
+        f = Path(f).resolve()
+        meta = next((d / METADATA_FILE for d in [f.parent, *f.parent.parents]
+                     if (d / METADATA_FILE).is_file() and d.is_relative_to(root)), None)
+        if meta is None:
+            raise DataError(f"{f} has no caption: no {METADATA_FILE} in its folder or above it "
+                            f"up to {root}; add one with its \"file_name\" and \"text\"")
+        if meta not in tables:
+            tables[meta] = _read_metadata(meta)
+        if f not in tables[meta]:
+            raise DataError(f"{f} has no caption in {meta}: add a line with \"file_name\" "
+                            f"\"{f.relative_to(meta.parent).as_posix()}\" and its \"text\"")
+        out.append(tables[meta][f])
+    return out

@@ -134,7 +134,7 @@ def _folder_pool(
         chosen = [files[i] for i in pos]
         return _load_files(chosen, mode(files[0]), resolution, crop)
 
-    return _class_pool(np.array(class_of), classes, load, f"{what} ({folder})")
+    return _class_pool(np.array(class_of), classes, load, f"{what} ({folder})", files)
 
 
 def _mode_memo() -> Callable[[Path], str]:

@@ -27,16 +27,19 @@ class Split:
 
     images: [N, C, H, W] float32 in [-1, 1]; labels: [N] int64 (positions in the data set's
     ``class_names``); source_indices: [N] int64, position of each example in the pool it was
-    drawn from (see the module docstring).
+    drawn from (see the module docstring); files: [N] the image file of each example, for
+    data sets read from files (None otherwise), e.g. to look up its caption.
     """
 
     images: torch.Tensor
     labels: np.ndarray
     source_indices: np.ndarray
+    files: tuple[Path, ...] | None = None
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
-        if self.images.ndim != 4 or len(self.labels) != n or len(self.source_indices) != n:
+        if self.images.ndim != 4 or len(self.labels) != n or len(self.source_indices) != n or (
+                self.files is not None and len(self.files) != n):
             raise ValueError(
                 f"Split needs images [N,C,H,W] and labels/source_indices [N]; got "
                 f"{tuple(self.images.shape)}, {self.labels.shape}, {self.source_indices.shape}"
@@ -48,7 +51,9 @@ class Split:
     def select(self, positions: Sequence[int] | np.ndarray) -> Split:
         """The examples at ``positions`` (into this split), e.g. an LDS subset."""
         pos = np.asarray(positions, dtype=np.int64)
-        return Split(self.images[torch.from_numpy(pos)], self.labels[pos], self.source_indices[pos])
+        files = None if self.files is None else tuple(self.files[i] for i in pos)
+        return Split(self.images[torch.from_numpy(pos)], self.labels[pos], self.source_indices[pos],
+                     files)
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,13 +95,15 @@ class _Pool:
 
     labels: [N] int64 final labels; strata: [N] int64 stratification ids (rank of the class
     name in sorted order); load: positions [n] -> images [n, C, H, W] in [-1, 1];
-    what: how messages name the pool, e.g. "the training pool (/data/cifar10/train)".
+    what: how messages name the pool, e.g. "the training pool (/data/cifar10/train)";
+    files: [N] the file of each example (None: not read from files).
     """
 
     labels: np.ndarray
     strata: np.ndarray
     load: Callable[[np.ndarray], torch.Tensor]
     what: str
+    files: tuple[Path, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -121,11 +128,12 @@ def _select_classes(
 
 def _class_pool(
     class_of: np.ndarray, classes: list[str], load_sources: Callable[[np.ndarray], torch.Tensor],
-    what: str,
+    what: str, files: Sequence[Path] | None = None,
 ) -> _Pool:
     """A pool of the examples whose class (``class_of``, [M] str) is in ``classes``.
 
-    ``load_sources`` takes positions in the unrestricted source listing.
+    ``load_sources`` takes positions in the unrestricted source listing, as ``files`` (the
+    file of each listed example, if any) is indexed.
     """
     keep = np.flatnonzero(np.isin(class_of, classes))
     names = class_of[keep]
@@ -133,7 +141,8 @@ def _class_pool(
         raise DataError(f"{what} holds no images of the classes {', '.join(classes)}")
     labels = np.array([classes.index(c) for c in names], dtype=np.int64)
     strata = np.unique(names, return_inverse=True)[1].astype(np.int64)
-    return _Pool(labels, strata, lambda pos: load_sources(keep[pos]), what)
+    kept = None if files is None else tuple(files[i] for i in keep)
+    return _Pool(labels, strata, lambda pos: load_sources(keep[pos]), what, kept)
 
 
 def _draw(
@@ -190,7 +199,8 @@ def _count_text(pool: _Pool, positions: np.ndarray) -> str:
 
 def _materialize(pool: _Pool, positions: np.ndarray) -> Split:
     positions = np.asarray(positions, dtype=np.int64)
-    return Split(pool.load(positions), pool.labels[positions], positions)
+    files = None if pool.files is None else tuple(pool.files[i] for i in positions)
+    return Split(pool.load(positions), pool.labels[positions], positions, files)
 
 
 def _default_size(size: int | None, default: int | None, pool_size: int, key: str) -> int | None:

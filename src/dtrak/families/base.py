@@ -154,6 +154,20 @@ class ModelFamily(ABC):
         """The raw examples of images with their labels (default: the images alone)."""
         return images
 
+    def cached_examples(self, examples: Any, cfg: ModelConfig, directory: str | Path,
+                        flips: bool = False, device: str | torch.device = "cpu",
+                        indices: Sequence[int] | None = None) -> Any:
+        """``examples`` (a whole example set) as read from a cache of their encodings in
+        ``directory``, written the first time (e.g. a latent model's VAE latents and text
+        embeddings), so that no later stage encodes them again; ``device`` encodes them.
+
+        ``flips``: also the encodings of the mirrored images (training with ``train.hflip``).
+        ``indices``: ``examples`` are those rows of a set cached before (a farm worker's
+        subset), read from the cache without writing it. Default: the examples unchanged
+        (nothing to cache).
+        """
+        return examples
+
     def generation_prompts(self, class_names: Sequence[str], cfg: ModelConfig, n: int
                            ) -> list[str] | None:
         """The prompts of generated images ``0..n-1`` (None: the family takes no text)."""

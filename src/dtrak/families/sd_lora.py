@@ -20,8 +20,10 @@ Two kinds of training, both configs of this family:
 A raw example is :class:`CaptionedImages` (images in [-1, 1] with one caption each); the
 adapter encodes images to latents (``latent_dist.mode()`` times the VAE's scaling factor;
 training draws ``latent_dist.sample()``) and captions to ``encoder_hidden_states``
-(memoised per caption). :class:`EncodedExamples` holds both already encoded (the run's
-cached latents and text embeddings).
+(memoised per caption). :class:`EncodedExamples` holds both already encoded: a run encodes
+each of its sets once into ``RUN/cache/<set>/`` (:func:`encode_cached`, the family's
+``cached_examples``), and featurization, scoring, ground truth and training (from the
+cached posterior mean and std) read them there.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +46,15 @@ from safetensors.torch import load_file, save_file
 from torch.func import functional_call
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..artefacts import DamagedArtefactError, as_os_error
+from ..artefacts import (
+    DamagedArtefactError,
+    as_os_error,
+    digest,
+    load_npy,
+    open_npy,
+    save_json,
+    save_npy,
+)
 from ..config import ConfigError, ModelConfig, SamplingConfig
 from ..sampling import SampleBatch, sample_loop
 from .base import Cond, ModelFamily, load_scheduler
@@ -63,6 +74,7 @@ __all__ = [
     "TextToImageAdapter",
     "caption_of",
     "class_captions",
+    "encode_cached",
     "load_base",
     "load_lora",
 ]
@@ -124,21 +136,57 @@ class CaptionedImages:
 @dataclass(frozen=True, eq=False)
 class EncodedExamples:
     """Examples already encoded: latents ``[N, c, h, w]`` (scaled VAE modes) and text
-    embeddings ``[U, L, D]`` of the distinct captions, ``caption_index [N]`` into them."""
+    embeddings ``[U, L, D]`` of the distinct captions, ``caption_index [N]`` into them.
+
+    For training (a run's cached training set, :func:`encode_cached`) they also hold
+    ``latent_std [N, c, h, w]`` (the posterior std times the VAE's scaling factor: a draw is
+    ``latents + latent_std * z``), the same two of the mirrored images (``flipped``,
+    ``flipped_std``: ``train.hflip``) and ``empty_index``, the row of the empty caption
+    (caption dropout). ``image_shape`` is ``[C, H, W]`` of the images they were encoded
+    from (``shape`` is the images' shape, as for :class:`CaptionedImages`) and ``source``
+    the digest of those captioned images (the digest of these examples, so a result keyed
+    by its examples is the same with and without the cache)."""
 
     latents: torch.Tensor
     embeddings: torch.Tensor
     caption_index: torch.Tensor
+    latent_std: torch.Tensor | None = None
+    flipped: torch.Tensor | None = None
+    flipped_std: torch.Tensor | None = None
+    empty_index: int | None = None
+    image_shape: tuple[int, ...] | None = None
+    source: str | None = None
 
     def __len__(self) -> int:
         return int(self.latents.shape[0])
 
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self), *(self.image_shape or self.latents.shape[1:])))
+
     def __getitem__(self, index) -> dict:
-        return {"latents": self.latents[index],
-                "encoder_hidden_states": self.embeddings[self.caption_index[index]]}
+        out = {"latents": self.latents[index],
+               "encoder_hidden_states": self.embeddings[self.caption_index[index]]}
+        for name in ("latent_std", "flipped", "flipped_std"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)[index]
+        if self.empty_index is not None:
+            out["empty"] = self.embeddings[self.empty_index]
+        return out
+
+    def select(self, index) -> EncodedExamples:
+        idx = torch.as_tensor(np.asarray(index)).reshape(-1)
+        rows = {n: None if getattr(self, n) is None else getattr(self, n)[idx]
+                for n in ("latents", "caption_index", "latent_std", "flipped", "flipped_std")}
+        return EncodedExamples(embeddings=self.embeddings, empty_index=self.empty_index,
+                               image_shape=self.image_shape, **rows)
 
     def digest_parts(self) -> tuple:
         return (self.latents, self.embeddings, self.caption_index)
+
+    def content_digest(self) -> str | None:
+        """The digest of the captioned images these were encoded from (None: unknown)."""
+        return self.source
 
 
 class TextToImage(torch.nn.Module):
@@ -228,7 +276,10 @@ class TextToImageAdapter(UNet2DAdapter):
                     {"encoder_hidden_states": torch.cat([c["encoder_hidden_states"]
                                                          for _, c in parts])})
         if isinstance(batch, dict) and "latents" in batch:
-            return batch["latents"], {"encoder_hidden_states": batch["encoder_hidden_states"]}
+            p = next(self.module.parameters())
+            return (batch["latents"].to(p.device, p.dtype),
+                    {"encoder_hidden_states": batch["encoder_hidden_states"].to(p.device,
+                                                                                p.dtype)})
         if not (isinstance(batch, dict) and "images" in batch and "captions" in batch):
             raise ValueError(
                 "a text-conditioned model needs captioned examples (CaptionedImages, or a dict "
@@ -286,6 +337,11 @@ def _stamp(path: Path) -> tuple:
 
 def load_base(directory: str | Path, need_unet: bool = True) -> TextToImage:
     """A fresh copy of the pipeline folder's model (loaded from disk once per process)."""
+    return copy.deepcopy(_shared_base(directory, need_unet))
+
+
+def _shared_base(directory: str | Path, need_unet: bool = True) -> TextToImage:
+    """The pipeline folder's model as loaded once per process (read it, never change it)."""
     path = _need_base(directory, need_unet).resolve()
     key = (str(path), _stamp(path))
     if key not in _BASES:
@@ -306,7 +362,218 @@ def load_base(directory: str | Path, need_unet: bool = True) -> TextToImage:
                 " check that each subfolder holds its config and weights") from e
         _BASES.clear()  # one base at a time
         _BASES[key] = TextToImage(unet, te, tok, vae, base=str(path))
-    return copy.deepcopy(_BASES[key])
+    return _BASES[key]
+
+
+# ----------------------------------------------------------------------------- the encoding cache
+# RUN/cache/<set>/: each example set encoded once, so no stage runs the VAE or the text
+# encoder on it again. One .npy file per array, each written atomically after meta.json:
+#   latents.npy       [N, c, h, w]  the scaled VAE mode (the images themselves without a VAE,
+#                                   then not written)
+#   latent_std.npy    [N, c, h, w]  posterior std x scaling factor (training draws)
+#   flipped.npy, flipped_std.npy    the same of the mirrored images (train.hflip)
+#   embeddings.npy    [U, L, D]     the distinct captions' text embeddings, then ""
+#   caption_index.npy [N]           each example's row of embeddings.npy
+#   meta.json                       digests of the captioned images and of the encoders
+# A killed encoding leaves meta.json and the files finished so far: the next call computes
+# the missing files only. Stale (other images, captions or encoder weights): recomputed with
+# a warning. Damaged (a file's size or shape disagrees): DamagedArtefactError naming it.
+
+CACHE_VERSION = 1
+
+
+def _encoder_digest(model: TextToImage) -> str:
+    """A digest of what encoding depends on: VAE and text-encoder weights, the tokenizer."""
+    known = getattr(model, "_encoder_digest", None)
+    if known is None:
+        tok = model.tokenizer
+        parts = [tok.model_max_length, len(tok), *model.text_encoder.state_dict().values()]
+        if model.vae is not None:
+            parts += [model.scaling_factor, *model.vae.state_dict().values()]
+        known = digest(*parts)
+        model._encoder_digest = known  # the frozen encoders of a loaded base never change
+    return known
+
+
+def _cache_damaged(path: Path, what: str | Exception) -> DamagedArtefactError:
+    if isinstance(what, Exception):  # check_npy's "PATH is damaged (WHAT); ..."
+        found = re.search(r"is damaged \((.*)\); delete", str(what))
+        what = found.group(1) if found else str(what)
+    return DamagedArtefactError(
+        f"{path} is damaged ({what}); delete it (or its folder {path.parent}) and run again: "
+        "the encoding cache is recomputed")
+
+
+@torch.no_grad()
+def _posterior(model: TextToImage, images: torch.Tensor, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scaled VAE posterior (mean, std) of images in [-1, 1], on the CPU."""
+    vae = model.vae
+    dist = vae.encode(images.to(device, next(vae.parameters()).dtype)).latent_dist
+    s = model.scaling_factor
+    return (dist.mean * s).float().cpu(), (dist.std * s).float().cpu()
+
+
+def _encode_arrays(model: TextToImage, images: torch.Tensor, device: torch.device,
+                   flip: bool, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch]
+        m, s = _posterior(model, x.flip(-1) if flip else x, device)
+        means.append(m)
+        stds.append(s)
+    return torch.cat(means).numpy(), torch.cat(stds).numpy()
+
+
+def _on(model: TextToImage, device: torch.device) -> TextToImage:
+    """The shared base's encoders on ``device`` (a copy unless it is the CPU)."""
+    if device.type == "cpu":
+        return model
+    return TextToImage(model.unet, copy.deepcopy(model.text_encoder).to(device),
+                       model.tokenizer, None if model.vae is None
+                       else copy.deepcopy(model.vae).to(device), model.base)
+
+
+def _read_meta(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        return meta
+    except (ValueError, OSError) as e:
+        raise _cache_damaged(path, f"unreadable: {e}") from e
+
+
+def encode_cached(examples: CaptionedImages, base: str | Path, directory: str | Path,
+                  flips: bool = False, device: str | torch.device = "cpu",
+                  indices: Sequence[int] | None = None) -> EncodedExamples:
+    """``examples`` encoded by the VAE and text encoder of the pipeline folder ``base``,
+    read from (and the first time written to) the cache folder ``directory``.
+
+    ``flips``: also the encodings of the mirrored images. ``indices``: ``examples`` are
+    those rows of a set cached before (a farm worker's subset): the cache must exist and
+    fit (same encoders, same captions at those rows); nothing is written.
+    """
+    directory, device = Path(directory), torch.device(device)
+    model = _shared_base(base, need_unet=False)
+    has_vae = model.vae is not None
+    meta_path = directory / "meta.json"
+    if indices is not None:
+        return _cached_subset(examples, model, directory, flips, indices)
+    captions = list(dict.fromkeys([*examples.captions, ""]))
+    want = {"version": CACHE_VERSION, "examples": digest(examples),
+            "encoder": _encoder_digest(model), "n": len(examples),
+            "image_shape": list(examples.images.shape[1:]), "captions": captions,
+            "vae": has_vae}
+    meta = _read_meta(meta_path)
+    if meta is not None and any(meta.get(k) != v for k, v in want.items()):
+        changed = [k for k, v in want.items() if meta.get(k) != v]
+        log.warning("the encoding cache %s is stale (%s changed): encoding the set again",
+                    directory, ", ".join(changed))
+        meta = None
+    if meta is None:
+        if directory.exists():
+            for f in directory.glob("*.npy"):
+                f.unlink()
+        directory.mkdir(parents=True, exist_ok=True)
+        save_json(meta_path, {**want, "latent_shape": None})
+        meta = _read_meta(meta_path)
+    runner = _on(model, device)
+    n, row = len(examples), {c: i for i, c in enumerate(captions)}
+
+    def need(name: str, shape: tuple, dtype, compute) -> np.ndarray:
+        path = directory / f"{name}.npy"
+        if path.exists():
+            try:
+                return load_npy(path, shape, dtype)
+            except DamagedArtefactError as e:
+                raise _cache_damaged(path, e) from e
+        arr = compute()
+        save_npy(path, arr)
+        return arr
+
+    index = need("caption_index", (n,), np.int64,
+                 lambda: np.array([row[c] for c in examples.captions], dtype=np.int64))
+    emb = need("embeddings", None, np.float32, lambda: torch.cat(
+        [runner.encode_text(captions[i:i + 64]).float().cpu()
+         for i in range(0, len(captions), 64)]).numpy())
+    if emb.shape[0] != len(captions):
+        raise _cache_damaged(directory / "embeddings.npy",
+                             f"{emb.shape[0]} rows for {len(captions)} captions")
+    parts: dict[str, Any] = {}
+    if has_vae:
+        shape = meta.get("latent_shape")
+        pair: dict[bool, tuple] = {}
+
+        def encoded(flip: bool, which: int):
+            if flip not in pair:
+                pair[flip] = _encode_arrays(runner, examples.images, device, flip)
+            return pair[flip][which]
+
+        names = [("latents", False, 0), ("latent_std", False, 1)]
+        names += [("flipped", True, 0), ("flipped_std", True, 1)] if flips else []
+        for name, flip, which in names:
+            full = None if shape is None else (n, *shape)
+            parts[name] = need(name, full, np.float32,
+                               lambda f=flip, w=which: encoded(f, w))
+            if shape is None:
+                shape = list(parts[name].shape[1:])
+                save_json(meta_path, {**meta, "latent_shape": shape})
+                meta = {**meta, "latent_shape": shape}
+        tensors = {k: torch.from_numpy(v) for k, v in parts.items()}
+    else:  # pixel space: the latents are the images (not stored again)
+        tensors = {"latents": examples.images}
+    return EncodedExamples(embeddings=torch.from_numpy(emb),
+                           caption_index=torch.from_numpy(index),
+                           empty_index=row[""], image_shape=tuple(examples.images.shape[1:]),
+                           source=digest(*examples.digest_parts()), **tensors)
+
+
+def _cached_subset(examples: CaptionedImages, model: TextToImage, directory: Path,
+                   flips: bool, indices: Sequence[int]) -> EncodedExamples:
+    meta_path = directory / "meta.json"
+    meta = _read_meta(meta_path)
+    if meta is None:
+        raise FileNotFoundError(f"no encoding cache at {directory} (no meta.json): run the "
+                                "stage that writes it (`dtrak run`) first")
+    if meta.get("encoder") != _encoder_digest(model) or meta.get("version") != CACHE_VERSION:
+        raise DamagedArtefactError(
+            f"the encoding cache {directory} was made with other encoder weights than those "
+            f"of {model.base}; delete {directory} and run again")
+    idx = np.asarray(indices, dtype=np.int64)
+    n, captions = int(meta["n"]), meta["captions"]
+    index = _load_cached(directory / "caption_index.npy", (n,), np.int64)
+    if [captions[int(i)] for i in index[idx]] != list(examples.captions):
+        raise DamagedArtefactError(
+            f"the captions cached in {directory} differ from the training captions; delete "
+            f"{directory} and run again")
+    emb = np.array(_load_cached(directory / "embeddings.npy", None, np.float32))
+    tensors: dict[str, torch.Tensor] = {}
+    if meta.get("vae"):
+        shape = (n, *meta["latent_shape"])
+        names = ["latents", "latent_std"] + (["flipped", "flipped_std"] if flips else [])
+        for name in names:
+            tensors[name] = torch.from_numpy(
+                np.ascontiguousarray(_load_cached(directory / f"{name}.npy", shape,
+                                                  np.float32)[idx]))
+    else:
+        tensors["latents"] = examples.images
+    return EncodedExamples(embeddings=torch.from_numpy(emb),
+                           caption_index=torch.from_numpy(np.ascontiguousarray(index[idx])),
+                           empty_index=captions.index(""),
+                           image_shape=tuple(meta["image_shape"]), **tensors)
+
+
+def _load_cached(path: Path, shape, dtype) -> np.ndarray:
+    if not path.exists():
+        raise FileNotFoundError(f"the encoding cache lacks {path}: run the stage that writes "
+                                "it (`dtrak run`) first")
+    try:
+        return open_npy(path, shape, dtype, mode="r")
+    except DamagedArtefactError as e:
+        raise _cache_damaged(path, e) from e
 
 
 def _lora_config(lora: dict) -> LoraConfig:
@@ -492,6 +759,15 @@ class SDLoRAFamily(ModelFamily):
             captions = class_captions(np.asarray(labels), class_names, cfg.caption_template)
         return CaptionedImages(images, tuple(captions))
 
+    def cached_examples(self, examples: Any, cfg: ModelConfig, directory: str | Path,
+                        flips: bool = False, device: str | torch.device = "cpu",
+                        indices: Sequence[int] | None = None) -> Any:
+        """Captioned images as :class:`EncodedExamples` read from the encoding cache in
+        ``directory`` (written the first time; see :func:`encode_cached`)."""
+        if not isinstance(examples, CaptionedImages):
+            return examples
+        return encode_cached(examples, cfg.pretrained, directory, flips, device, indices)
+
     def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for p in model.unet.parameters() if p.requires_grad]
 
@@ -515,12 +791,46 @@ class SDLoRAFamily(ModelFamily):
     def training_inputs(self, adapter: TextToImageAdapter, batch: dict, cfg: ModelConfig,
                         generator: torch.Generator) -> tuple[torch.Tensor, Cond]:
         """Latents drawn from the VAE posterior and captions, each dropped to the empty
-        prompt with probability ``model.caption_dropout`` (classifier-free guidance)."""
+        prompt with probability ``model.caption_dropout`` (classifier-free guidance).
+
+        A batch of cached :class:`EncodedExamples` draws the same: ``mean + std * z`` with
+        ``z`` from the same generator, the mirrored images' encodings where ``flip``."""
+        if "latents" in batch:
+            return self._cached_training_inputs(adapter, batch, cfg, generator)
         captions = list(batch["captions"])
         drop = torch.rand(len(captions), generator=generator) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         x0 = adapter.model.encode_images(batch["images"], generator, sample=True)
         return x0, {"encoder_hidden_states": adapter.text(captions).to(x0.dtype)}
+
+    def _cached_training_inputs(self, adapter: TextToImageAdapter, batch: dict,
+                                cfg: ModelConfig, generator: torch.Generator
+                                ) -> tuple[torch.Tensor, Cond]:
+        n = batch["latents"].shape[0]
+        if "empty" not in batch:
+            raise ValueError("training from encoded examples needs the empty caption's "
+                             "embedding (a training set from the encoding cache)")
+        drop = torch.rand(n, generator=generator) < cfg.caption_dropout
+        mean, std, flip = batch["latents"], batch.get("latent_std"), batch.get("flip")
+        if flip is not None:
+            where = flip.view(-1, 1, 1, 1)
+            if std is None:  # pixel space: the latents are the images
+                mean = torch.where(where, mean.flip(-1), mean)
+            elif "flipped" not in batch:
+                raise ValueError("train.hflip needs the encodings of the mirrored images: "
+                                 "cache the training set with flips")
+            else:
+                mean = torch.where(where, batch["flipped"], mean)
+                std = torch.where(where, batch["flipped_std"], std)
+        p = next(adapter.module.parameters())
+        if std is not None:  # latent_dist.sample(): the draw on the CPU generator
+            z = torch.randn(mean.shape, generator=generator)
+            x0 = (mean + std * z).to(p.device)
+        else:
+            x0 = mean.to(p.device)
+        emb = torch.where(drop.view(-1, 1, 1), batch["empty"].unsqueeze(0),
+                          batch["encoder_hidden_states"])
+        return x0, {"encoder_hidden_states": emb.to(p.device, x0.dtype)}
 
     def sample_shape(self, model: torch.nn.Module) -> tuple[int, ...]:
         s = model.unet.config.sample_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +37,21 @@ def stage_data(run: Run) -> dict:
 
 def train_images_file(run: Run) -> Path:
     """The training images as one ``.npy`` file that farm workers read (with their captions
-    beside it, ``train_images.captions.json``, for a text-conditioned family)."""
+    beside it, ``train_images.captions.json``, for a text-conditioned family, and
+    ``train_images.cache.json`` naming the training set's encoding cache, relative to
+    this folder, when the family caches its encodings)."""
     path = run.paths.data / "train_images.npy"
-    examples = run.train_examples
+    examples = run.raw_train_examples
     captions = path.with_suffix(".captions.json")
     if isinstance(examples, CaptionedImages) and not captions.exists():
         run.paths.data.mkdir(parents=True, exist_ok=True)
         save_json(captions, list(examples.captions))
+    cache, pointer = run.train_cache, path.with_suffix(".cache.json")  # encodes if need be
+    if cache is not None:
+        run.paths.data.mkdir(parents=True, exist_ok=True)
+        save_json(pointer, {"directory": os.path.relpath(cache, run.paths.data)})
+    else:
+        pointer.unlink(missing_ok=True)
     if not path.exists():
         run.paths.data.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")

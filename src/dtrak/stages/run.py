@@ -20,7 +20,7 @@ import torch
 
 from ..artefacts import digest, load_npy, open_npy, save_json
 from ..config import Config, diff_configs, load_config, save_config, to_dict
-from ..data import Dataset, load_dataset
+from ..data import Dataset, Split, load_dataset, metadata_captions
 from ..families import ModelFamily, get_family
 from ..farm import Executor, make_executor
 from ..methods import Context
@@ -106,11 +106,43 @@ class Run:
         return get_family(self.cfg.model.family)
 
     @cached_property
-    def train_examples(self):
+    def raw_train_examples(self):
         """The training examples as the family takes them (images, or captioned images)."""
         ds = self.dataset
         return self.family.examples(ds.train.images, ds.train.labels, ds.class_names,
-                                    self.cfg.model)
+                                    self.cfg.model, captions=self.captions(ds.train))
+
+    @cached_property
+    def train_examples(self):
+        """The training examples as every stage reads them: the family's cached encodings
+        (``RUN/cache/train``, with those of the mirrored images for ``train.hflip``), or
+        the raw examples for a family with nothing to cache."""
+        return self.cached_examples("train", self.raw_train_examples,
+                                    flips=self.cfg.train.hflip)
+
+    @property
+    def train_cache(self) -> Path | None:
+        """The cache folder of the training examples (None: the family caches nothing)."""
+        if self.train_examples is self.raw_train_examples:
+            return None
+        return self.paths.cache / "train"
+
+    def cached_examples(self, set_name: str, examples, flips: bool = False):
+        """A set's examples read from its encoding cache, ``RUN/cache/<set>`` (see
+        :meth:`~dtrak.families.ModelFamily.cached_examples`)."""
+        return self.family.cached_examples(examples, self.cfg.model,
+                                           self.paths.cache / set_name, flips=flips,
+                                           device=self.placement.device)
+
+    def captions(self, split: Split) -> list[str] | None:
+        """The captions of a split's images from the metadata.jsonl of an image-folder
+        data set (None: none there, or a family that takes no text: class captions)."""
+        d = self.cfg.data
+        if (d.name not in ("imagefolder", "artbench") or split.files is None or d.root is None
+                or self.family.generation_prompts(self.dataset.class_names, self.cfg.model, 0)
+                is None):
+            return None
+        return metadata_captions(split.files, d.root)
 
     @cached_property
     def placement(self) -> Placement:
@@ -139,7 +171,10 @@ class Run:
         ds = self.dataset
         n = self.cfg.attribution.n_targets
         fam, mc = self.family, self.cfg.model
-        sets = {"val": fam.examples(ds.val.images[:n], ds.val.labels[:n], ds.class_names, mc)}
+        val_captions = self.captions(ds.val)
+        sets = {"val": self.cached_examples("val", fam.examples(
+            ds.val.images[:n], ds.val.labels[:n], ds.class_names, mc,
+            captions=None if val_captions is None else val_captions[:n]))}
         trajectories, sampler_ts = {}, None
         gen = self.paths.gen
         if _generated(gen):
@@ -147,8 +182,8 @@ class Run:
             prompts = gen / "prompts.json"
             captions = (json.loads(prompts.read_text())[: len(images)] if prompts.exists()
                         else None)
-            sets["gen"] = images if captions is None else fam.examples(
-                images, None, ds.class_names, mc, captions=captions)
+            sets["gen"] = images if captions is None else self.cached_examples(
+                "gen", fam.examples(images, None, ds.class_names, mc, captions=captions))
             if (gen / "trajectory.npy").exists():
                 trajectories["gen"] = torch.from_numpy(
                     open_npy(gen / "trajectory.npy", mode="r")[:n].astype(np.float32))
