@@ -66,6 +66,8 @@ def _results(root: Path) -> dict:
     out = {str(f.relative_to(root)): np.load(f) for f in files}
     lds = json.loads((root / "results" / "lds.json").read_text())
     lds["settings"].pop("seconds", None)
+    for record in lds["records"]:
+        record.pop("seconds", None)
     out["results/lds.json"] = lds
     for unet in sorted(root.glob("lds/models/*/unet")):
         params = torch.cat([p.detach().flatten() for p in load_unet(unet).parameters()])
