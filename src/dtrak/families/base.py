@@ -81,6 +81,7 @@ class ModelFamily(ABC):
 
     name: str = ""
     description: str = ""
+    takes_text: bool = False  # examples carry captions (a text-conditioned model)
 
     # --- models on disk
     @abstractmethod

@@ -696,6 +696,7 @@ def _unet_from_preset(cfg: ModelConfig, channels: int, resolution: int,
 
 class SDLoRAFamily(ModelFamily):
     name = "sd-lora"
+    takes_text = True
     description = ("Stable Diffusion (diffusers UNet2DConditionModel + CLIP text encoder + "
                    "optional VAE) with a peft LoRA adapter, or the whole UNet")
 

@@ -94,6 +94,7 @@ COVARIANCE = ("activation_covariance", "gradient_covariance",
 EIGEN = ("activation_eigenvectors", "activation_eigenvalues", "gradient_eigenvectors",
          "gradient_eigenvalues")
 EKFAC = ("lambda_matrix", "num_lambda_processed")
+PRIOR = 0.1  # prior damping relative to the mean eigenvalue (kronfluence's heuristic)
 _SIGN = ("positive = helps: tau = grad m(target)^T (G + lam I)^-1 grad L(z), and "
          "up-weighting z by e changes the target's loss by about -e tau")
 
@@ -501,7 +502,7 @@ def scores(ctx: Context, set_name: str, lam: float | None, strategy: str) -> np.
     """
     inf = influence(ctx)
     ev = inf.eigenvalues(strategy)
-    lam = 0.1 * float(ev.mean()) if lam is None else float(lam)
+    lam = PRIOR * float(ev.mean()) if lam is None else float(lam)
     weights = (1.0 / (ev + lam)).to(ctx.placement.device, ctx.placement.dtype)
     q, g = inf.gradients(set_name), inf.gradients("train")
     return ((q * weights) @ g.T).double().cpu().numpy()
@@ -512,7 +513,7 @@ def _method(strategy: str, description: str) -> Method:
         return scores(ctx, set_name, lam, strategy)
 
     return Method(f"{strategy}-if", description, _SIGN, score, uses_lambda=True,
-                  lambda_scale=partial(mean_eigenvalue, strategy=strategy), lambda_prior=0.1,
+                  lambda_scale=partial(mean_eigenvalue, strategy=strategy), lambda_prior=PRIOR,
                   config=("influence",))
 
 

@@ -139,8 +139,7 @@ class Run:
         data set (None: none there, or a family that takes no text: class captions)."""
         d = self.cfg.data
         if (d.name not in ("imagefolder", "artbench") or split.files is None or d.root is None
-                or self.family.generation_prompts(self.dataset.class_names, self.cfg.model, 0)
-                is None):
+                or not self.family.takes_text):
             return None
         return metadata_captions(split.files, d.root)
 
