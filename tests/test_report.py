@@ -141,6 +141,18 @@ def test_gallery_checks_shapes_and_writes_png(tmp_path):
         figures.attribution_gallery(train[0, :, :3], train, scores, tmp_path / "x.png")
 
 
+def test_samples_per_prompt_draws_one_row_per_prompt(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (6, 3, 8, 8)).astype(np.float32)
+    one = figures.samples_per_prompt(images, ["a cat"] * 6, tmp_path / "one.png")
+    three = figures.samples_per_prompt(images, ["a cat", "a dog", ""] * 2, tmp_path / "3.png")
+    h1, h3 = Image.open(one).size[1], Image.open(three).size[1]
+    assert h3 > 2 * h1  # three rows of images against one
+    assert Image.open(one).size[0] > Image.open(three).size[0]  # six columns against two
+    with pytest.raises(ValueError, match="one prompt per image"):
+        figures.samples_per_prompt(images, ["a cat"] * 5, tmp_path / "x.png")
+
+
 # ------------------------------------------------------------------------------ browser
 
 

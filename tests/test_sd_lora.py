@@ -264,7 +264,8 @@ def test_tiny_sd_lora_run_end_to_end(sd_dir, tmp_path):
                       .read_text())
     assert meta["modules"] and all("lora_" in name for name in meta["modules"])
     assert all(np.isfinite(r["lds"]) for r in lds["records"])
-    assert (out / "report" / "index.html").is_file()
+    assert (out / "gen" / "prompts.png").is_file()  # the samples, one row per prompt
+    assert "gen-prompts.png" in (out / "report" / "index.html").read_text()
     assert len(list((out / "lds" / "models").glob("m*/unet/" + LORA_FILE))) == 3
     # every set encoded once, in RUN/cache; the subset models read the training set's cache
     for name in ("train", "val", "gen"):

@@ -33,6 +33,7 @@ __all__ = [
     "lds_vs_lambda",
     "loss_curve",
     "method_color",
+    "samples_per_prompt",
 ]
 
 log = logging.getLogger(__name__)
@@ -425,6 +426,31 @@ def image_strip(
         ax.set_title(caption, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def samples_per_prompt(
+    images: np.ndarray, prompts: Sequence[str], path: str | Path, per_prompt: int = 10,
+) -> Path:
+    """One row per distinct prompt (in order of first use): its first ``per_prompt`` samples.
+
+    ``images`` are [N, C, H, W] in [-1, 1] and ``prompts[i]`` is the prompt of image i."""
+    if len(images) == 0 or len(images) != len(prompts):
+        raise ValueError(f"need one prompt per image and at least one image, got "
+                         f"{len(images)} images and {len(prompts)} prompts")
+    rows = _ordered(prompts)
+    ids = [[i for i, p in enumerate(prompts) if p == row][:per_prompt] for row in rows]
+    cols = max(len(r) for r in ids)
+    fig = _figure(0.9 * cols + 2.2, 0.95 * len(rows) + 0.1)
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    for r, (row, members) in enumerate(zip(rows, ids, strict=True)):
+        for c, ax in enumerate(axes[r]):
+            if c < len(members):
+                _show_image(ax, images[members[c]])
+            else:
+                ax.axis("off")
+        axes[r][0].set_ylabel(f'"{row}"' if row else '"" (unconditional)', rotation=0,
+                              ha="right", va="center", fontsize=9)
     return _save(fig, path)
 
 

@@ -82,7 +82,11 @@ def run_stages(run: Run, stages: tuple[str, ...] | None = None,
         echo(f"[{name}]")
         t0 = time.time()
         results[name] = STAGES[name](run)
-        echo(f"[{name}] done in {time.time() - t0:.1f} s: "
+        seconds = time.time() - t0
+        echo(f"[{name}] done in {seconds:.1f} s: "
              f"{json.dumps(results[name], default=str)[:400]}")
+        with open(run.paths.root / "timings.jsonl", "a") as f:  # one line per stage call
+            f.write(json.dumps({"stage": name, "seconds": round(seconds, 1),
+                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
     (run.paths.root / "stages.json").write_text(json.dumps(results, indent=2, default=str))
     return results

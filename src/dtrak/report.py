@@ -221,7 +221,13 @@ def _samples_section(rep: _Report) -> _Section:
                         rep.note("No generated images (gen/grid.png, gen/images.npy)."))
     n = np.load(images, mmap_mode="r").shape[0] if images.is_file() else None
     caption = "Generated images (gen/grid.png)" + (f"; {n} in all." if n else ".")
-    return _Section("samples", "Generated samples", _figure_html(name, caption, "pixel"))
+    body = _figure_html(name, caption, "pixel")
+    per_prompt = rep.run.gen / "prompts.png"
+    if per_prompt.is_file():
+        body += _figure_html(rep.copy(per_prompt, "gen-prompts.png"),
+                             "The first samples of each prompt, one row per prompt "
+                             "(gen/prompts.png).", "pixel")
+    return _Section("samples", "Generated samples", body)
 
 
 # ---------------------------------------------------------------------------------------------

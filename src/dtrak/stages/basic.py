@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import figures
 from ..artefacts import create_npy, open_npy, save_json
 from ..config import Config
 from ..data import save_split_indices
@@ -135,4 +136,8 @@ def stage_generate(run: Run) -> dict:
     if not (png_dir / f"{n - 1:06d}.png").exists():
         save_pngs(torch.from_numpy(images), png_dir)
     save_grid(torch.from_numpy(images[:100]), run.paths.gen / "grid.png", nrow=10)
-    return {"n_images": n, "grid": str(run.paths.gen / "grid.png")}
+    out = {"n_images": n, "grid": str(run.paths.gen / "grid.png")}
+    if prompts is not None:
+        out["per_prompt"] = str(figures.samples_per_prompt(images, prompts,
+                                                           run.paths.gen / "prompts.png"))
+    return out
