@@ -89,6 +89,13 @@ def test_hooks_equal_vmap_for_all_outputs(unet64, x0):
     assert got.shape == ref.shape and got.dtype == torch.float64
     assert ref.abs().max() > 0
     torch.testing.assert_close(got, ref, **TIGHT)
+    # into a caller's buffer (what featurization reuses block after block): the same values
+    buf = torch.full_like(got, float("nan"))
+    again = hook_gradients(a, x0, IDS, OUTPUTS, TS, SCHED, noise_seed=3, out=buf)
+    assert again.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(buf, ref, **TIGHT)
+    with pytest.raises(ValueError, match="out must be"):
+        hook_gradients(a, x0, IDS, OUTPUTS, TS, SCHED, noise_seed=3, out=buf[:, :1])
 
 
 def test_hooks_per_timestep_x0_and_parameter_subset(unet64, x0):

@@ -22,6 +22,7 @@ from dtrak.families.sd_components import tiny_unet, tiny_vae, write_pipeline
 from dtrak.families.sd_lora import LORA_FILE, TextToImage, load_lora
 from dtrak.featurize import FeatureSpec, featurize_into
 from dtrak.gradients import per_sample_gradients, reference_gradients
+from dtrak.hooks import hook_gradients
 from dtrak.noise import ScheduleConstants
 from dtrak.train import train_model
 
@@ -138,6 +139,9 @@ def test_lora_gradients_match_per_example_backward_float64(sd_dir):
         assert fast.shape == (3, p)
         torch.testing.assert_close(fast, ref, rtol=1e-8, atol=1e-12)
         assert fast.abs().sum() > 0
+        # the hook engine (one batched backward, text conditioning repeated per timestep)
+        hooked = hook_gradients(adapter, x0, ids, [output], ts, sched, 3, cond=cond)[0]
+        torch.testing.assert_close(hooked, ref, rtol=1e-8, atol=1e-12)
 
 
 def test_train_lora_resumes_and_samples(sd_dir, tmp_path):

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .config import GRADIENT_ENGINES
 from .families.base import DiffusionAdapter
 from .gradients import (
+    _module_device_dtype,
     param_order,
     per_sample_gradients,
     per_sample_gradients_multi,
@@ -113,9 +114,25 @@ def _check_engine(gradients: str, spec: FeatureSpec) -> None:
                          "(attribution.gradients = 'hooks')")
 
 
+class _Scratch:
+    """One reusable gradient buffer per shape, for the hook engine's ``out``: a fresh
+    ``[outputs, B, p]`` array per block costs a page fault per 4 KiB page. The gradients in
+    it are projected before the next block overwrites them."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+            ) -> torch.Tensor:
+        key = (shape, dtype, device)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return self.buffers[key]
+
+
 def _features(adapter: DiffusionAdapter, gradients: str, projector: Projector, x0, ids,
               outputs: list[str], ts, sched, noise_seed, cond, names, multi: bool,
-              unit: bool = False) -> torch.Tensor:
+              unit: bool = False, scratch: _Scratch | None = None) -> torch.Tensor:
     """Projected features ``[len(outputs), B, k]`` of one batch with the chosen engine
     (``vmap``: ``multi`` picks the several-output call, whose rounding the stores of
     :func:`featurize_many` have always had). ``unit`` features need each timestep's
@@ -126,8 +143,12 @@ def _features(adapter: DiffusionAdapter, gradients: str, projector: Projector, x
             for o in outputs])
     if gradients == "hooks":
         kron = projector if isinstance(projector, KronProjector) else None
+        out = None
+        if kron is None and scratch is not None:
+            device, dtype = _module_device_dtype(adapter.module)
+            out = scratch.get((len(outputs), len(ids), projector.p), dtype, device)
         g = hook_gradients(adapter, x0, ids, outputs, ts, sched, noise_seed, cond=cond,
-                           param_names=names, projector=kron)
+                           param_names=names, projector=kron, out=out)
         return g if kron is not None else torch.stack([projector.project(gj) for gj in g])
     if not multi:
         g = per_sample_gradients(adapter, x0, ids, outputs[0], ts, sched, noise_seed,
@@ -193,11 +214,12 @@ def featurize_into(
     bar = tqdm(total=int(sum(missing[b].sum() for b in blocks)),
                desc=f"features {set_name}/{spec.name}",
                disable=not progress or not blocks, leave=False)
+    scratch = _Scratch()
     for ids in blocks:
         x0, cond = adapter.prepare(examples[torch.as_tensor(ids)])
         feats = _features(adapter, gradients, projector, x0, torch.as_tensor(ids),
                           [spec.output], ts, sched, noise_seed, cond, names, multi=False,
-                          unit=spec.unit)
+                          unit=spec.unit, scratch=scratch)
         bar.update(_write_missing(store, ids, feats[0]))
     bar.close()
     return store
@@ -333,10 +355,12 @@ def featurize_many(
     # which of its stores a killed run had already written
     bar = tqdm(total=sum(len(b) for b in blocks), desc=f"features {set_name}/{'+'.join(outs)}",
                disable=not progress or not blocks, leave=False)
+    scratch = _Scratch()
     for ids in blocks:
         x0, cond = adapter.prepare(examples[torch.as_tensor(ids)])
         feats = _features(adapter, gradients, projector, x0, torch.as_tensor(ids), outs, ts,
-                          sched, noise_seed, cond, None, multi=True, unit=spec.unit)
+                          sched, noise_seed, cond, None, multi=True, unit=spec.unit,
+                          scratch=scratch)
         for j, o in enumerate(outs):
             _write_missing(stores[o], ids, feats[j])
         bar.update(len(ids))

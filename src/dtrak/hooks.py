@@ -2,7 +2,7 @@
 
 The reference engine (:mod:`dtrak.gradients`, ``attribution.gradients = "vmap"``) runs
 ``vmap(grad(.))`` over examples. Here (``"hooks"``) the model runs once over all ``B x K``
-noisy inputs as an ordinary batch (rows ``n = b K + k``, example-major; the same noise,
+noisy inputs as an ordinary batch (rows ``n = k B + b``, timestep-major; the same noise,
 timesteps, conditioning and output functions as the reference), and one backward of
 
     L = sum_b (1/K) sum_k f(eps_theta(x_t_bk, t_k), eps_bk, t_k)
@@ -15,7 +15,12 @@ positions ``s``:
 | layer                | per-example gradient                                          |
 | Linear               | weight ``sum_s dy_s x_s^T``, bias ``sum_s dy_s``              |
 | Conv2d               | the same over input patches (torch's weight-gradient kernel, the examples as groups) |
+
+The rows are timestep-major so that a convolution's input and output gradient regroup as
+``[K, B C, H, W]`` (the examples as groups, the timesteps as the batch the kernel sums) by a
+view, without a copy.
 | GroupNorm, LayerNorm | weight ``sum_s dy_s * xhat_s`` (``xhat``: the normalised input), bias ``sum_s dy_s`` |
+|                      | (GroupNorm: from ``sum_s dy_s x_s`` and the group statistics, never forming ``xhat``) |
 | Embedding            | the rows of the example's indices: ``sum_s dy_s``             |
 
 peft's LoRA layers are a frozen base layer plus ``lora_A``/``lora_B`` Linear (or Conv2d)
@@ -165,13 +170,19 @@ def kron_layers(module: nn.Module, order: list[tuple[str, int]]) -> list[KronLay
 # --- per-layer contributions ---------------------------------------------------------------
 
 
+def _per_example(x: torch.Tensor, B: int) -> torch.Tensor:
+    """Rows ``[K B, *rest, d]`` (timestep-major) as ``[B, K * prod(rest), d]`` per example."""
+    d = x.shape[-1]
+    return x.reshape(-1, B, *x.shape[1:]).transpose(0, 1).reshape(B, -1, d)
+
+
 def _padding(m: nn.Conv2d) -> tuple[int, ...]:
     return (0, 0) if m.padding == "valid" else m.padding
 
 
 def _linear(m: nn.Linear, h: HookedLayer, x: torch.Tensor, dy: torch.Tensor, B: int
             ) -> dict[str, torch.Tensor]:
-    xs, gs = x.reshape(B, -1, x.shape[-1]), dy.reshape(B, -1, dy.shape[-1])
+    xs, gs = _per_example(x, B), _per_example(dy, B)
     out = {}
     if h.weight:
         out[h.weight] = torch.bmm(gs.transpose(1, 2), xs)
@@ -185,27 +196,36 @@ def _conv2d(m: nn.Conv2d, h: HookedLayer, x: torch.Tensor, dy: torch.Tensor, B: 
     K, Cout = x.shape[0] // B, dy.shape[1]
     out = {}
     if h.weight:
-        # The examples as groups: x [B K, C, H, W] -> [K, B C, H, W] (K the batch, summed
-        # by the weight gradient), a convolution with B * groups groups whose weight gradient
-        # [B Cout, Cin/groups, kh, kw] holds every example's own (torch's fused kernel).
-        xs = x.reshape(B, K, *x.shape[1:]).transpose(0, 1).reshape(K, -1, *x.shape[2:])
-        gs = dy.reshape(B, K, *dy.shape[1:]).transpose(0, 1).reshape(K, -1, *dy.shape[2:])
+        # The examples as groups: x [K B, C, H, W] -> [K, B C, H, W] (a view; K the batch,
+        # summed by the weight gradient), a convolution with B * groups groups whose weight
+        # gradient [B Cout, Cin/groups, kh, kw] holds every example's own (torch's kernel).
+        xs, gs = x.reshape(K, -1, *x.shape[2:]), dy.reshape(K, -1, *dy.shape[2:])
         w = torch.nn.grad.conv2d_weight(xs, (B * Cout, *m.weight.shape[1:]), gs, m.stride,
                                         _padding(m), m.dilation, B * m.groups)
         out[h.weight] = w.reshape(B, *m.weight.shape)
     if h.bias:
-        out[h.bias] = dy.reshape(B, K, Cout, -1).sum((1, 3))
+        out[h.bias] = dy.reshape(K, B, Cout, -1).sum((0, 3))
     return out
 
 
 def _groupnorm(m: nn.GroupNorm, h, x, dy, B):
-    K, C = x.shape[0] // B, x.shape[1]
+    n, C, G = x.shape[0], x.shape[1], m.num_groups
+    x, dy = x.contiguous(), dy.contiguous()
+    dsum = dy.reshape(n, C, -1).sum(-1)  # [K B, C]
     out = {}
     if h.weight:
-        xhat = F.group_norm(x, m.num_groups, eps=m.eps)
-        out[h.weight] = (dy * xhat).reshape(B, K, C, -1).sum((1, 3))
+        # sum_s dy_s xhat_s without forming xhat (nor dy * xhat, two more activation-sized
+        # arrays): xhat = (x - mu) rstd per (row, group), so the sum is
+        # (sum_s dy_s x_s - mu sum_s dy_s) rstd, from one dot per (row, channel).
+        # The group statistics from the forward's own kernel (the same mean and rstd the
+        # layer used; torch.var_mean is several times slower on CPU).
+        dot = torch.einsum("ncs,ncs->nc", dy.reshape(n, C, -1), x.reshape(n, C, -1))
+        _, mu, rstd = torch.native_group_norm(x, None, None, n, C, x[0, 0].numel(), G, m.eps)
+        per = ((dot.reshape(n, G, -1) - mu.reshape(n, G, 1) * dsum.reshape(n, G, -1))
+               * rstd.reshape(n, G, 1))
+        out[h.weight] = per.reshape(-1, B, C).sum(0)
     if h.bias:
-        out[h.bias] = dy.reshape(B, K, C, -1).sum((1, 3))
+        out[h.bias] = dsum.reshape(-1, B, C).sum(0)
     return out
 
 
@@ -214,15 +234,16 @@ def _layernorm(m: nn.LayerNorm, h, x, dy, B):
     out = {}
     if h.weight:
         xhat = F.layer_norm(x, shape, eps=m.eps)
-        out[h.weight] = (dy * xhat).reshape(B, -1, *shape).sum(1)
+        out[h.weight] = (dy * xhat).reshape(-1, B, *shape).sum(0)
     if h.bias:
-        out[h.bias] = dy.reshape(B, -1, *shape).sum(1)
+        out[h.bias] = dy.reshape(-1, B, *shape).sum(0)
     return out
 
 
 def _embedding(m: nn.Embedding, h, x, dy, B):
     D = dy.shape[-1]
-    idx, gs = x.reshape(B, -1), dy.reshape(B, -1, D)
+    idx = x.reshape(-1, B, x[0].numel()).transpose(0, 1).reshape(B, -1)
+    gs = dy.reshape(-1, B, dy[0].numel()).transpose(0, 1).reshape(B, -1, D)
     w = gs.new_zeros((B, m.num_embeddings, D))
     w.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, D), gs)
     if m.padding_idx is not None:
@@ -235,7 +256,7 @@ _EXACT = {"linear": _linear, "conv2d": _conv2d, "groupnorm": _groupnorm,
 
 
 def _kron_linear(m: nn.Linear, layer: KronLayer, a_out, a_in, x, dy, B) -> torch.Tensor:
-    xs, gs = x.reshape(B, -1, x.shape[-1]), dy.reshape(B, -1, dy.shape[-1])
+    xs, gs = _per_example(x, B), _per_example(dy, B)
     xp = xs @ a_in[:, : layer.d_in].T  # [B, S, k_in]
     if layer.bias is not None:
         xp = xp + a_in[:, layer.d_in]
@@ -246,11 +267,11 @@ def _kron_conv2d(m: nn.Conv2d, layer: KronLayer, a_out, a_in, x, dy, B) -> torch
     K, L = x.shape[0] // B, dy.shape[2] * dy.shape[3]
     kernel = a_in[:, : layer.d_in].reshape(-1, *m.weight.shape[1:])
     xp = F.conv2d(x, kernel, None, m.stride, _padding(m), m.dilation)  # [N, k_in, H', W']
-    xp = xp.reshape(B, K, -1, L)
+    xp = xp.reshape(K, B, -1, L)
     if layer.bias is not None:
         xp = xp + a_in[:, layer.d_in].reshape(1, 1, -1, 1)
-    gp = torch.matmul(a_out, dy.reshape(B, K, dy.shape[1], L))  # [B, K, k_out, L]
-    return torch.einsum("bkol,bkil->boi", gp, xp)
+    gp = torch.matmul(a_out, dy.reshape(K, B, dy.shape[1], L))  # [K, B, k_out, L]
+    return torch.einsum("kbol,kbil->boi", gp, xp)
 
 
 _KRON = {"linear": _kron_linear, "conv2d": _kron_conv2d}
@@ -341,6 +362,7 @@ def hook_gradients(
     cond: Cond | None = None,
     param_names: Sequence[str] | None = None,
     projector: KronProjector | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-example gradients of several output functions from one batched forward.
 
@@ -350,6 +372,10 @@ def hook_gradients(
     Args:
         projector: a :class:`~dtrak.projection.KronProjector` built on this model's layout:
             return its features instead of the gradients (never materialised).
+        out: a buffer ``[len(outputs), B, p]`` to write the gradients into (without
+            ``projector``). A caller that featurizes block after block passes the same one
+            each time: a fresh ``B x p`` array costs a page fault per 4 KiB page, on CPU as
+            much time as the model's weight gradients of a small UNet.
 
     Returns:
         Tensor ``[len(outputs), B, p]`` in the model's dtype (layout
@@ -376,18 +402,20 @@ def hook_gradients(
     pb.update({n: b.detach() for n, b in module.named_buffers()})
     anchor = torch.zeros((), dtype=dtype, device=device, requires_grad=True)
     current: list[_Sink] = [_Sink(B, K, projector)]
-    epsf, tf = eps.reshape(B * K, *eps.shape[2:]), t.repeat(B)
-    condf = {n: v.repeat_interleave(K, dim=0) for n, v in cond.items()}
+    # rows k B + b (timestep-major, see the module)
+    epsf, tf = eps.transpose(0, 1).reshape(B * K, *eps.shape[2:]), t.repeat_interleave(B)
+    condf = {n: v.repeat(K, *([1] * (v.dim() - 1))) for n, v in cond.items()}
     with eval_mode(module), torch.enable_grad(), _taps(module, layers, anchor,
                                                        lambda: current[0]):
-        x_t = add_noise(x0k.reshape(B * K, *x0k.shape[2:]), epsf, tf, sched.alphas_cumprod)
+        x0f = x0k.transpose(0, 1).reshape(B * K, *x0k.shape[2:])
+        x_t = add_noise(x0f, epsf, tf, sched.alphas_cumprod)
         pred = adapter.eps(pb, x_t, tf, condf)
 
     # 2. One backward per output function, of sum_b mean_k f (each row: its example's 1/K).
     sinks = []
     for j, fn in enumerate(fns):
         current[0] = _Sink(B, K, projector)
-        total = fn(pred, epsf, tf, sched).reshape(B, K).mean(1).sum()
+        total = fn(pred, epsf, tf, sched).reshape(K, B).mean(0).sum()
         torch.autograd.grad(total, anchor, retain_graph=j < len(fns) - 1, allow_unused=True)
         sinks.append(current[0])
 
@@ -402,17 +430,35 @@ def hook_gradients(
                                               param_names=uncovered)
     unc_order = param_order(module, uncovered) if uncovered else []
 
-    # 4. Assemble: the flat layout, or the projector's features.
-    rows = [_assemble(s, order, unc_order, None if fallback is None else fallback[j], B,
-                      projector, dtype, device) for j, s in enumerate(sinks)]
-    out = torch.stack(rows)
+    # 4. Assemble: the flat layout (written into ``out``), or the projector's features.
+    if projector is None:
+        out = _buffer(out, (len(fns), B, sum(n for _, n in order)), dtype, device)
+        for j, sink in enumerate(sinks):
+            _assemble(sink, order, unc_order, None if fallback is None else fallback[j], B,
+                      projector, dtype, device, out=out[j])
+    else:
+        out = torch.stack([_assemble(s, order, unc_order,
+                                     None if fallback is None else fallback[j], B, projector,
+                                     dtype, device) for j, s in enumerate(sinks)])
     check_finite(out.reshape(len(fns) * B, -1), list(ids) * len(fns))
     return out
 
 
+def _buffer(out: torch.Tensor | None, shape: tuple[int, ...], dtype, device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device:
+        raise ValueError(f"out must be a {dtype} tensor {list(shape)} on {device}, got "
+                         f"{out.dtype} {list(out.shape)} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    return out
+
+
 def _assemble(sink: _Sink, order, unc_order, fallback: torch.Tensor | None, B: int,
-              projector: KronProjector | None, dtype, device) -> torch.Tensor:
-    """One output's ``[B, p]`` gradients (or ``[B, k]`` kron features)."""
+              projector: KronProjector | None, dtype, device,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """One output's ``[B, p]`` gradients (into ``out``), or its ``[B, k]`` kron features."""
     exact = dict(sink.exact)
     at = 0
     for name, numel in unc_order:
@@ -426,7 +472,7 @@ def _assemble(sink: _Sink, order, unc_order, fallback: torch.Tensor | None, B: i
                 else g.reshape(B, -1))
 
     if projector is None:
-        return torch.cat([flat(n) for n, _ in order], dim=1)
+        return torch.cat([flat(n) for n, _ in order], dim=1, out=out)
     blocks = [sink.blocks.get(i, torch.zeros((B, ko, ki), dtype=dtype, device=device))
               for i, (ko, ki) in enumerate(projector.dims)]
     rest = (torch.cat([flat(n) for n in projector.rest_names], dim=1).float()
