@@ -8,7 +8,7 @@ BIN     = $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP   = $(VENV)/.dtrak-installed
 
-.PHONY: install demo test test-all lint bench bench-cifar2 clean browser
+.PHONY: install demo test test-all lint bench bench-cifar2 bench-text2image clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,18 @@ bench-cifar2: $(STAMP)
 	$(BIN)/dtrak run configs/cifar2-bench.toml --out bench-runs/cifar2 --set data.root=$(DATA)
 	$(BIN)/python benchmarks/cifar2_tables.py bench-runs/cifar2 > bench-runs/cifar2/tables.md
 	@echo "tables: bench-runs/cifar2/tables.md"
+
+# The text-to-image benchmark (benchmarks/RESULTS.md): a small text-conditioned base on eight
+# CIFAR-10 classes, then LoRA fine-tunes of it on CIFAR-2, attributed by LoRA gradients.
+bench-text2image: $(STAMP)
+	test -f bench-runs/text-base/model_index.json || $(BIN)/dtrak text-base bench-runs/text-base
+	$(BIN)/dtrak run configs/cifar8-text-base.toml --out bench-runs/cifar8-text-base \
+	  --set data.root=$(DATA) --set model.pretrained=bench-runs/text-base
+	$(BIN)/dtrak run configs/cifar2-lora-bench.toml --out bench-runs/cifar2-lora \
+	  --set data.root=$(DATA) --set model.pretrained=bench-runs/cifar8-text-base/model/unet
+	cd benchmarks && ../$(BIN)/python text2image_tables.py ../bench-runs/cifar2-lora \
+	  ../bench-runs/cifar8-text-base > ../bench-runs/cifar2-lora/tables.md
+	@echo "tables: bench-runs/cifar2-lora/tables.md"
 
 # The report test renders pages in headless Chromium (Debian's package); install it when
 # missing and we may (root with apt), otherwise that test skips with its reason.

@@ -94,13 +94,13 @@ class Tables:
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {paper} |")
         return lines
 
-    def lambdas(self) -> list[str]:
+    def lambdas(self, ks: tuple[int, ...] = (10, 100)) -> list[str]:
         """The chosen λ of each kernel, relative to trace(ΦᵀΦ)/N, with grid-edge flags."""
         curves = {(c["method"], c["targets"]): c for c in self.lds["lds_by_lambda"]}
         lines = ["| output f | K | targets | λ / (trace/N), paper | held-out (A, B) | "
                  "LDS at best λ vs grid edges |", "|---|---|---|---|---|---|"]
         for out, method in OUTPUT_METHOD.items():
-            for k in (10, 100):
+            for k in ks:
                 for t in ("val", "gen"):
                     m = _at(method, k)
                     r = self.rec.get((m, t, "paper"))
