@@ -182,12 +182,17 @@ def _padding(m: nn.Conv2d) -> tuple[int, ...]:
 
 def _linear(m: nn.Linear, h: HookedLayer, x: torch.Tensor, dy: torch.Tensor, B: int
             ) -> dict[str, torch.Tensor]:
-    xs, gs = _per_example(x, B), _per_example(dy, B)
+    K = x.shape[0] // B
+    xs, gs = x.reshape(K, B, -1, x.shape[-1]), dy.reshape(K, B, -1, dy.shape[-1])  # [K, B, S, d]
     out = {}
     if h.weight:
-        out[h.weight] = torch.bmm(gs.transpose(1, 2), xs)
+        # one bmm per timestep, accumulated (regrouping the rows per example would copy x, dy)
+        w = torch.bmm(gs[0].transpose(1, 2), xs[0])
+        for k in range(1, xs.shape[0]):
+            w.baddbmm_(gs[k].transpose(1, 2), xs[k])
+        out[h.weight] = w
     if h.bias:
-        out[h.bias] = gs.sum(1)
+        out[h.bias] = gs.sum((0, 2))
     return out
 
 
