@@ -227,7 +227,7 @@ outputs = ["loss", "square"]
 n_timesteps = 2
 proj_dim = 32
 batch_size = 4
-methods = ["trak", "dtrak", "kernel-avg", "random", "grad-cos", "das", "ekfac-if"]
+methods = ["trak", "dtrak", "kernel-avg", "random", "grad-cos", "pixel-cos", "das", "ekfac-if"]
 [das]
 residual_timesteps = 5
 [influence]
@@ -262,7 +262,8 @@ def test_tiny_sd_lora_run_end_to_end(sd_dir, tmp_path):
     assert prompts == ["a post impressionism painting", "a ukiyo e painting"] * 2
     lds = json.loads((out / "results" / "lds.json").read_text())
     methods = {r["method"] for r in lds["records"]}
-    assert {"trak", "dtrak", "kernel-avg", "random", "grad-cos", "das", "ekfac-if"} <= methods
+    assert {"trak", "dtrak", "kernel-avg", "random", "grad-cos", "pixel-cos", "das",
+            "ekfac-if"} <= methods
     # DAS and the influence method see the LoRA parameters only (K-FAC: the LoRA Linears)
     meta = json.loads(next((out / "features" / "full" / "train").glob("influence-*/meta.json"))
                       .read_text())

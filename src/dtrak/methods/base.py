@@ -110,6 +110,7 @@ class Context:
     trajectories: dict[str, torch.Tensor] = field(default_factory=dict)
     sampler_timesteps: list[int] | None = None  # of the generated set, in sampling order
     progress: bool = True
+    images: dict[str, torch.Tensor] = field(default_factory=dict)  # pixels per set and "train"
     _features: dict = field(default_factory=dict, repr=False)
     _solvers: dict = field(default_factory=dict, repr=False)
 
@@ -154,6 +155,19 @@ class Context:
         if set_name not in self.sets:
             raise ValueError(f"unknown target set {set_name!r}; have {', '.join(self.sets)}")
         return self.sets[set_name]
+
+    def pixels(self, set_name: str) -> torch.Tensor:
+        """The images ``[n, C, H, W]`` in [-1, 1] of a set (``train`` included), whatever the
+        family's examples are (plain images, labelled, captioned or encoded latents)."""
+        if set_name in self.images:
+            return self.images[set_name]
+        examples = self.examples(set_name)
+        if isinstance(examples, torch.Tensor):
+            return examples
+        if isinstance(getattr(examples, "images", None), torch.Tensor):
+            return examples.images
+        raise ValueError(f"the {set_name} examples ({type(examples).__name__}) hold no pixels: "
+                         "give the Context the images (Context(..., images={set: images}))")
 
     def at_timesteps(self, n_timesteps: int) -> Context:
         """This context with ``attribution.n_timesteps = K`` (features and solvers shared:

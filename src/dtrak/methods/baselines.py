@@ -101,7 +101,8 @@ def _similarity(targets: np.ndarray, train: np.ndarray, cosine: bool) -> np.ndar
 
 def _pixel(cosine: bool):
     def score(ctx: Context, set_name: str, lam=None) -> np.ndarray:
-        return _similarity(_as_rows(ctx.examples(set_name)), _as_rows(ctx.train), cosine)
+        return _similarity(_as_rows(ctx.pixels(set_name)), _as_rows(ctx.pixels("train")),
+                           cosine)
 
     return score
 
@@ -120,8 +121,8 @@ def _clip_path(ctx: Context, name: str) -> str:
 def _clip(name: str, cosine: bool):
     def score(ctx: Context, set_name: str, lam=None) -> np.ndarray:
         path = _clip_path(ctx, name)
-        return _similarity(clip_embed(ctx.examples(set_name), path),
-                           clip_embed(ctx.train, path), cosine)
+        return _similarity(clip_embed(ctx.pixels(set_name), path),
+                           clip_embed(ctx.pixels("train"), path), cosine)
 
     return score
 

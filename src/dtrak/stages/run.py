@@ -175,9 +175,11 @@ class Run:
             ds.val.images[:n], ds.val.labels[:n], ds.class_names, mc,
             captions=None if val_captions is None else val_captions[:n]))}
         trajectories, sampler_ts = {}, None
+        pixels = {"train": ds.train.images, "val": ds.val.images[:n]}
         gen = self.paths.gen
         if _generated(gen):
             images = torch.from_numpy(load_npy(gen / "images.npy")[:n])
+            pixels["gen"] = images
             prompts = gen / "prompts.json"
             captions = (json.loads(prompts.read_text())[: len(images)] if prompts.exists()
                         else None)
@@ -191,7 +193,7 @@ class Run:
         return Context(self.cfg, self.family, self.train_examples, sets, self.paths.model / "unet",
                        self.paths.features, paths=self.paths, placement=self.placement,
                        trajectories=trajectories, sampler_timesteps=sampler_ts,
-                       progress=self.progress)
+                       progress=self.progress, images=pixels)
 
     def target_sets(self) -> list[str]:
         """The configured target sets, each checked to exist."""
