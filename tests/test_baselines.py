@@ -19,7 +19,7 @@ from dtrak import lds as lds_math
 from dtrak import scoring
 from dtrak.config import preset
 from dtrak.families import UNet2DAdapter, get_family
-from dtrak.families.unet2d import build_unet, load_unet, save_unet
+from dtrak.families.unet2d import LabelledImages, build_unet, load_unet, save_unet
 from dtrak.featurize import projector_for
 from dtrak.gradients import output_values, param_order, per_sample_gradients
 from dtrak.methods import METHODS, Context, baselines, get_method
@@ -122,6 +122,20 @@ def test_pixel_dot_and_cosine(world):
     np.testing.assert_allclose(dot, t @ z.T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(METHODS["pixel-cos"].score(world, "val", None),
                                _unit(t) @ _unit(z).T, rtol=1e-5, atol=1e-6)
+
+
+def test_pixel_scores_read_pixels_of_labelled_and_encoded_examples(world):
+    """Class-labelled examples give their images; examples without pixels (encoded latents)
+    take them from Context.images, or are refused with a message."""
+    labelled = replace(world, train=LabelledImages(world.train, torch.zeros(N_TRAIN)),
+                       sets={"val": LabelledImages(world.examples("val"), torch.ones(N_VAL))})
+    want = METHODS["pixel-cos"].score(world, "val", None)
+    np.testing.assert_allclose(METHODS["pixel-cos"].score(labelled, "val", None), want)
+    opaque = replace(world, train=object(), sets={"val": object()})
+    with pytest.raises(ValueError, match="hold no pixels"):
+        METHODS["pixel-cos"].score(opaque, "val", None)
+    given = replace(opaque, images={"train": world.train, "val": world.examples("val")})
+    np.testing.assert_allclose(METHODS["pixel-cos"].score(given, "val", None), want)
 
 
 def test_grad_dot_and_cosine(world):
