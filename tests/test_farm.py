@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dtrak.config import ConfigError, apply_overrides, preset
+from dtrak import farm
 from dtrak.farm import Job, LocalExecutor
 from dtrak.stages.check import check_config
 
@@ -36,6 +37,7 @@ def failing(payload: dict) -> None:
 PARENT = """
 import sys
 sys.path.insert(0, {tests!r})
+from dtrak import farm
 from dtrak.farm import Job, LocalExecutor
 from test_farm import sleeper
 
@@ -103,3 +105,14 @@ def test_an_unknown_executor_is_refused_before_any_stage_runs():
     cfg = apply_overrides(preset("tiny"), ["runtime.executor='slurm'"])
     with pytest.raises(ConfigError, match="unknown executor 'slurm'; known: local, ray"):
         check_config(cfg)
+
+
+def test_local_workers_never_oversubscribe_the_cores(monkeypatch, caplog):
+    """runtime.threads is the main process's: worker processes get at most their share."""
+    monkeypatch.setattr(farm.mp, "cpu_count", lambda: 4)
+    assert LocalExecutor(2, progress=False).threads == 2
+    assert LocalExecutor(2, threads_per_worker=1, progress=False).threads == 1
+    with caplog.at_level("WARNING", logger="dtrak.farm"):
+        assert LocalExecutor(2, threads_per_worker=4, progress=False).threads == 2
+    assert "oversubscribe" in caplog.text
+    assert LocalExecutor(1, threads_per_worker=4, progress=False).threads == 4

@@ -277,8 +277,14 @@ class LocalExecutor:
         # None: in-process (one worker) keeps the caller's thread setting; worker processes
         # share the cores between them.
         self.threads = threads_per_worker
-        if self.threads is None and workers > 1:
-            self.threads = max(1, (mp.cpu_count() or 1) // workers)
+        if workers > 1:
+            share = max(1, (mp.cpu_count() or 1) // workers)
+            if self.threads is not None and self.threads > share:
+                log.warning("%d workers x %d torch threads would oversubscribe %d cores; each "
+                            "worker gets %d thread(s) (runtime.threads is for the main "
+                            "process and one-worker farms)", workers, self.threads,
+                            mp.cpu_count(), share)
+            self.threads = share if self.threads is None else min(self.threads, share)
         self.progress = progress
 
     def run(self, jobs: Sequence[Job | TrainJob], desc: str = "jobs") -> None:
