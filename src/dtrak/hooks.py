@@ -15,13 +15,13 @@ positions ``s``:
 | layer                | per-example gradient                                          |
 | Linear               | weight ``sum_s dy_s x_s^T``, bias ``sum_s dy_s``              |
 | Conv2d               | the same over input patches (torch's weight-gradient kernel, the examples as groups) |
+| GroupNorm, LayerNorm | weight ``sum_s dy_s * xhat_s`` (``xhat``: the normalised input), bias ``sum_s dy_s`` |
+|                      | (GroupNorm: from ``sum_s dy_s x_s`` and the group statistics, never forming ``xhat``) |
+| Embedding            | the rows of the example's indices: ``sum_s dy_s``             |
 
 The rows are timestep-major so that a convolution's input and output gradient regroup as
 ``[K, B C, H, W]`` (the examples as groups, the timesteps as the batch the kernel sums) by a
 view, without a copy.
-| GroupNorm, LayerNorm | weight ``sum_s dy_s * xhat_s`` (``xhat``: the normalised input), bias ``sum_s dy_s`` |
-|                      | (GroupNorm: from ``sum_s dy_s x_s`` and the group statistics, never forming ``xhat``) |
-| Embedding            | the rows of the example's indices: ``sum_s dy_s``             |
 
 peft's LoRA layers are a frozen base layer plus ``lora_A``/``lora_B`` Linear (or Conv2d)
 modules, so they are covered. A layer counts only if its class keeps the torch forward (a
