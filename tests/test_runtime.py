@@ -82,6 +82,10 @@ def test_auto_and_cpu_runs_agree_and_stages_reach_models_through_the_family(tmp_
     assert auto.placement.device.type == expected
     assert json.loads((tmp_path / "auto" / "stages.json").read_text())["train"]["device"] \
         .startswith(expected)
+    timings = [json.loads(line) for line in
+               (tmp_path / "auto" / "timings.jsonl").read_text().splitlines()]
+    assert [t["stage"] for t in timings] == list(STAGES)  # one line per stage call
+    assert all(t["seconds"] >= 0 for t in timings)
     # training built the model, generation sampled, featurization loaded and adapted it
     assert {"build", "load", "adapter", "sample"} <= set(CountingFamily.calls)
     a, b = _outputs(tmp_path / "cpu"), _outputs(tmp_path / "auto")
