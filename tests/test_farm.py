@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dtrak.config import ConfigError, apply_overrides, preset
 from dtrak import farm
+from dtrak.config import ConfigError, apply_overrides, preset
 from dtrak.farm import Job, LocalExecutor
 from dtrak.stages.check import check_config
 
