@@ -436,15 +436,14 @@ def hook_gradients(
     unc_order = param_order(module, uncovered) if uncovered else []
 
     # 4. Assemble: the flat layout (written into ``out``), or the projector's features.
+    rests = [None] * len(fns) if fallback is None else list(fallback)
     if projector is None:
         out = _buffer(out, (len(fns), B, sum(n for _, n in order)), dtype, device)
-        for j, sink in enumerate(sinks):
-            _assemble(sink, order, unc_order, None if fallback is None else fallback[j], B,
-                      projector, dtype, device, out=out[j])
+        for sink, rest, row in zip(sinks, rests, out, strict=True):
+            _assemble(sink, order, unc_order, rest, B, None, dtype, device, out=row)
     else:
-        out = torch.stack([_assemble(s, order, unc_order,
-                                     None if fallback is None else fallback[j], B, projector,
-                                     dtype, device) for j, s in enumerate(sinks)])
+        out = torch.stack([_assemble(sink, order, unc_order, rest, B, projector, dtype, device)
+                           for sink, rest in zip(sinks, rests, strict=True)])
     check_finite(out.reshape(len(fns) * B, -1), list(ids) * len(fns))
     return out
 
