@@ -42,15 +42,12 @@ class TextTables(Tables):
         lines = ["| output f | method | val LDS % (held-out λ) | gen LDS % (held-out λ) | "
                  "val (paper λ) | gen (paper λ) | paper ArtBench-2 val |",
                  "|---|---|---|---|---|---|---|"]
-        for out, method in OUTPUT_METHOD.items():
+        rows = [*OUTPUT_METHOD.items(), *(("—", m) for m in BASELINES)]
+        for out, method in rows:
             cells = [self.cell(method, t, sel) for sel in ("heldout", "paper")
                      for t in ("val", "gen")]
             lines.append(f"| {out} | {method} | " + " | ".join(cells) + " | "
                          f"{PAPER_ARTBENCH.get(method, '—')} |")
-        for method in BASELINES:
-            cells = [self.cell(method, t, sel) for sel in ("heldout", "paper")
-                     for t in ("val", "gen")]
-            lines.append(f"| — | {method} | " + " | ".join(cells) + " | — |")
         return lines
 
     def report(self) -> str:
@@ -70,17 +67,17 @@ class TextTables(Tables):
         return "\n".join(out)
 
 
-def stage_times(run_dir: Path) -> list[str]:
-    """Seconds per stage from RUN/timings.jsonl (summed over resumed calls)."""
+def stage_times(run_dir: Path) -> str:
+    """Minutes per stage from RUN/timings.jsonl (summed over resumed calls)."""
     path = run_dir / "timings.jsonl"
     if not path.is_file():
-        return [f"({run_dir}: no timings.jsonl)"]
+        return f"({run_dir}: no timings.jsonl)"
     total: dict[str, float] = {}
     for line in path.read_text().splitlines():
         rec = json.loads(line)
         total[rec["stage"]] = total.get(rec["stage"], 0.0) + rec["seconds"]
     cells = ", ".join(f"{name} {sec / 60:.1f}" for name, sec in total.items())
-    return [f"{run_dir.name}: {cells} (minutes; all {sum(total.values()) / 60:.1f})"]
+    return f"{run_dir.name}: {cells} (minutes; all {sum(total.values()) / 60:.1f})"
 
 
 if __name__ == "__main__":
@@ -89,4 +86,4 @@ if __name__ == "__main__":
     print(TextTables(sys.argv[1]).report())
     print("### Stage times\n")
     for run in sys.argv[1:][::-1]:
-        print("- " + stage_times(Path(run))[0])
+        print("- " + stage_times(Path(run)))
