@@ -14,7 +14,14 @@ from dtrak.families import UNet2DAdapter
 from dtrak.families.unet2d import build_unet
 from dtrak.featurize import FeatureSpec, featurize_into, featurize_many, projector_for
 from dtrak.gradients import param_order, per_sample_gradients, per_sample_gradients_multi
-from dtrak.hooks import hook_gradients, hook_plan, kron_layers
+from dtrak.hooks import (
+    HookedLayer,
+    _groupnorm,
+    group_stats,
+    hook_gradients,
+    hook_plan,
+    kron_layers,
+)
 from dtrak.noise import ScheduleConstants, timesteps
 from dtrak.projection import PROJECTOR_KINDS, KronLayer, KronProjector, make_projector
 from dtrak.seeding import seed_from
@@ -106,6 +113,38 @@ def test_hooks_per_timestep_x0_and_parameter_subset(unet64, x0):
     ref = per_sample_gradients(a, per_t, IDS, "square", TS, SCHED, 1, param_names=names)
     got = hook_gradients(a, per_t, IDS, ["square"], TS, SCHED, 1, param_names=names)[0]
     torch.testing.assert_close(got, ref, **TIGHT)
+
+
+def test_hooks_weight_or_bias_alone(unet64, x0):
+    """A layer with only its bias (or only its weight) attributed: conv and GroupNorm."""
+    a = UNet2DAdapter(unet64)
+    names = ["conv_in.bias", "down_blocks.0.resnets.0.norm1.weight",
+             "down_blocks.0.resnets.0.norm2.bias", "conv_out.weight"]
+    ref = per_sample_gradients(a, x0, IDS, "square", TS, SCHED, 2, param_names=names)
+    got = hook_gradients(a, x0, IDS, ["square"], TS, SCHED, 2, param_names=names)[0]
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(got, ref, **TIGHT)
+
+
+def test_groupnorm_contribution_with_and_without_forward_statistics():
+    """The GroupNorm contribution from the forward's saved statistics and from statistics
+    computed again: both equal sum_s dy_s xhat_s and sum_s dy_s per example."""
+    B, K = 3, 2
+    gn = torch.nn.GroupNorm(2, 4).double()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(K * B, 4, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(K * B, 4, 3, 3, generator=gen, dtype=torch.float64)
+    y = gn(x)
+    state = group_stats(y)
+    assert state is not None and group_stats(y.view_as(y)) is None
+    xhat = torch.nn.functional.group_norm(x.detach(), 2, eps=gn.eps)
+    ref_w = (dy * xhat).reshape(K, B, 4, -1).sum((0, 3))
+    ref_b = dy.reshape(K, B, 4, -1).sum((0, 3))
+    h = HookedLayer("gn", "groupnorm", "weight", "bias")
+    for s in (state, None):
+        got = _groupnorm(gn, h, x.detach(), dy, B, s)
+        torch.testing.assert_close(got["weight"], ref_w, **TIGHT)
+        torch.testing.assert_close(got["bias"], ref_b, **TIGHT)
 
 
 def test_hooks_class_conditional_unet(x0):
