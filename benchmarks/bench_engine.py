@@ -48,7 +48,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--resolution", type=int, default=16)
     ap.add_argument("--channels", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--output", default="square", help="output function")
-    ap.add_argument("--repeats", type=int, default=3, help="timing repeats (min is reported)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timing rounds: the min is reported, and the median of the per-round "
+                         "ratios with a bootstrap interval")
+    ap.add_argument("--gradients-only", action="store_true",
+                    help="time the gradient paths (a, d) only: no projector tables")
     ap.add_argument("--proj-p", type=int, default=1_000_000, help="p of the projector benchmark")
     ap.add_argument("--proj-k", type=int, nargs="+", default=[4096, 32768])
     ap.add_argument("--proj-batch", type=int, default=16, help="vectors per projection call")
@@ -149,6 +153,9 @@ def bench_gradients(args, model) -> dict:
             times[name].append(_once(fn))
     res = {"B": B, "K": K, "chunk": args.chunk, "p": sum(p.numel() for p in model.parameters())}
     res.update({name: min(t) for name, t in times.items()})
+    res["times"] = times
+    res["paired"] = {name: paired_ratio(times["batched_fwd_bwd_s"], times[name])
+                     for name in ("per_sample_s", "hooks_s", "hooks_kron_s")}
     res["noise_s"] = best_time(noise_only, args.repeats)
     res["per_sample_pairs_per_s"] = B * K / res["per_sample_s"]
     res["batched_pairs_per_s"] = B * K / res["batched_fwd_bwd_s"]
@@ -158,6 +165,18 @@ def bench_gradients(args, model) -> dict:
     res["kron_k"] = kron.k
     res["grad_s_per_example"] = res["per_sample_s"] / B
     return res
+
+
+def paired_ratio(reference: list[float], path: list[float], n_boot: int = 2000) -> dict:
+    """Throughput of ``path`` over ``reference`` from the rounds: each round's ratio
+    ``reference_i / path_i`` (the two timed back to back, so a slow spell of the machine
+    hits both), their median, and a bootstrap 95% interval of that median over rounds."""
+    r = torch.tensor(reference, dtype=torch.float64) / torch.tensor(path, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(len(r), (n_boot, len(r)), generator=gen)
+    boot = r[idx].median(dim=1).values
+    return {"median": r.median().item(), "lo": boot.quantile(0.025).item(),
+            "hi": boot.quantile(0.975).item(), "rounds": len(r)}
 
 
 def kron_projector(model, proj_dim: int, model_id: int = 0) -> KronProjector:
@@ -274,6 +293,17 @@ def bench_projectors(args, grads: torch.Tensor) -> list[dict]:
 # --- report -------------------------------------------------------------------------------
 
 
+def machine() -> dict:
+    return {"platform": platform.platform(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "clock": CLOCK["name"], "cpus": os.cpu_count()}
+
+
+def save(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -282,30 +312,28 @@ def main() -> None:
     model = build_model(args)
     loadavg_before = os.getloadavg()
     t0 = time.perf_counter()
-    grad_res = bench_gradients(args, model)
-    ts = timesteps("uniform", args.K)
-    grads = per_sample_gradients(UNet2DAdapter(model), torch.rand(args.batch, 1, args.resolution,
-                                 args.resolution) * 2 - 1, list(range(args.batch)), args.output,
-                                 ts, ScheduleConstants.linear(), noise_seed=1)
-    proj_rows = bench_projectors(args, grads)
-    for row in proj_rows:
-        row["proj_over_grad"] = row["s_per_example_model_p"] / grad_res["grad_s_per_example"]
-    kron_rows = kron_errors(args, model, grads)
-    result = {
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "clock": CLOCK["name"],
-                    "cpus": os.cpu_count()},
-        "loadavg_before": list(loadavg_before), "loadavg_after": list(os.getloadavg()),
-        "args": vars(args), "gradients": grad_res, "projectors": proj_rows,
-        "kron": kron_rows, "wall_s": time.perf_counter() - t0,
-    }
-    print_report(result)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    result = {"machine": machine(), "loadavg_before": list(loadavg_before),
+              "args": vars(args), "gradients": bench_gradients(args, model)}
+    if not args.gradients_only:
+        ts = timesteps("uniform", args.K)
+        grads = per_sample_gradients(
+            UNet2DAdapter(model), torch.rand(args.batch, 1, args.resolution, args.resolution)
+            * 2 - 1, list(range(args.batch)), args.output, ts, ScheduleConstants.linear(),
+            noise_seed=1)
+        result["projectors"] = bench_projectors(args, grads)
+        for row in result["projectors"]:
+            row["proj_over_grad"] = (row["s_per_example_model_p"]
+                                     / result["gradients"]["grad_s_per_example"])
+        result["kron"] = kron_errors(args, model, grads)
+    result.update(loadavg_after=list(os.getloadavg()), wall_s=time.perf_counter() - t0)
+    print_gradients(result)
+    if not args.gradients_only:
+        print_projectors(result)
+    print_load(result)
+    save(result, args.out)
 
 
-def print_report(r: dict) -> None:
+def print_gradients(r: dict) -> None:
     g = r["gradients"]
     print(f"(a) model p={g['p']:,}, B={g['B']}, K={g['K']}, chunk={g['chunk']}, "
           f"threads={r['machine']['threads']}, clock: {r['machine']['clock']}, "
@@ -322,6 +350,15 @@ def print_report(r: dict) -> None:
     if "fused_sdpa_vmap_s" in g:
         print(f"    (vmap with the fused SDPA kernel, per-example fallback: "
               f"{g['fused_sdpa_vmap_s']:.3f} s)")
+    print("    per-round ratios to batched (back to back in each round): median [95% interval]")
+    for name, label in (("per_sample_s", "vmap"), ("hooks_s", "hooks"),
+                        ("hooks_kron_s", "hooks + kron")):
+        q = g["paired"][name]
+        print(f"      {label:<13} {q['median']:.3f} [{q['lo']:.3f}, {q['hi']:.3f}] over "
+              f"{q['rounds']} rounds")
+
+
+def print_projectors(r: dict) -> None:
     print("(b,c) projectors; time per example; errors: Gram rel. Frobenius / mean |cos err|")
     print(f"    {'kind':<11}{'k':>7}{'ms/ex p=' + str(r['args']['proj_p']):>18}"
           f"{'ms/ex model p':>15}{'proj/grad':>11}{'err random':>18}{'err gradients':>18}")
@@ -339,6 +376,9 @@ def print_report(r: dict) -> None:
         print(f"    proj_dim {row['proj_dim']:>7} -> k {row['k']:>7}: "
               f"{row['gram_rel_err']:.4f}/{row['cos_abs_err']:.4f}  "
               f"(sjlt {sj['gram_rel_err']:.4f}/{sj['cos_abs_err']:.4f})")
+
+
+def print_load(r: dict) -> None:
     la, lb = r["loadavg_before"], r["loadavg_after"]
     print(f"load average before {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}, after "
           f"{lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f} ({r['machine']['cpus']} cpus)")
