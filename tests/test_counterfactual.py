@@ -79,6 +79,17 @@ def test_targets_are_a_seeded_choice():
     assert not np.array_equal(t, cf.choose_targets(100, 10, seed=0))
     with pytest.raises(ValueError, match="n_targets"):
         cf.choose_targets(5, 6, seed=42)
+    # more targets later keep the earlier ones (and their finished retrainings)
+    assert set(cf.choose_targets(100, 4, seed=42)) <= set(t)
+
+
+def test_jobs_are_target_major(tiny_run):
+    """A run stopped part-way has every method of its first targets."""
+    removed = {m: np.array([[0, 1], [2, 3]]) for m in ("random", "trak", "dtrak")}
+    jobs = cf.counterfactual_jobs(tiny_run, [3, 7], removed)
+    assert [j.name for j in jobs] == ["random-t0003", "trak-t0003", "dtrak-t0003",
+                                      "random-t0007", "trak-t0007", "dtrak-t0007"]
+    assert jobs[4].indices == (0, 1, *range(4, 64))
 
 
 # --- metrics -----------------------------------------------------------------------------------

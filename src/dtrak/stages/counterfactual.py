@@ -81,13 +81,16 @@ METRICS = ("pixel_l2", "clip_cos")
 
 
 def choose_targets(n_pool: int, n_targets: int, seed: int) -> np.ndarray:
-    """``[n_targets]`` distinct generated-image ids in ``0..n_pool-1``, ascending, seeded."""
+    """``[n_targets]`` distinct generated-image ids in ``0..n_pool-1``, ascending, seeded.
+
+    The first ``n_targets`` of one seeded permutation: raising ``n_targets`` later keeps the
+    targets (and the finished retrainings) of the smaller run."""
     if not 1 <= n_targets <= n_pool:
         raise ValueError(f"counterfactual.n_targets = {n_targets}, but only {n_pool} scored "
                          "generated images exist; lower it, or generate and score more images "
                          "(sampling.n_images, attribution.n_targets)")
     rng = np.random.default_rng(seed_from(seed, "counterfactual-targets"))
-    return np.sort(rng.choice(n_pool, n_targets, replace=False))
+    return np.sort(rng.permutation(n_pool)[:n_targets])
 
 
 def top_k_removal(scores: np.ndarray, targets: Sequence[int] | np.ndarray, k: int) -> np.ndarray:
@@ -208,13 +211,15 @@ def counterfactual_jobs(run: Run, targets: Sequence[int] | np.ndarray,
 
     ``removed[method]`` is ``[T, k]`` (row i belongs to ``targets[i]``). Every model is
     trained with ``counterfactual.seed`` (batch order, dropout, initialisation and noise).
+    Target-major: a run stopped part-way has every method of its first targets.
     """
     cfg = run.cfg
     images = str(train_images_file(run))
     n_train = int(run.dataset.train.images.shape[0])
     jobs = []
-    for method, rows in removed.items():
-        for t, row in zip(targets, rows, strict=True):
+    for i, t in enumerate(targets):
+        for method, rows in removed.items():
+            row = rows[i]
             name = job_name(method, t)
             keep = np.setdiff1d(np.arange(n_train), row)
             jobs.append(TrainJob(
