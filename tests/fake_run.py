@@ -125,7 +125,10 @@ def _counterfactual(paths: RunPaths, rng: np.random.Generator, gen: np.ndarray,
                for t in range(n) for m in methods]
     summary = [{"method": m, "metric": "pixel_l2", "mean": 5.0, "median": 5.1, "n": n}
                for m in methods]
-    _write_json(paths.results / "counterfactual.json", {"records": records, "summary": summary})
+    differences = [{"a": m, "b": "random", "metric": "pixel_l2", "diff": 0.4, "ci_low": -0.2,
+                    "ci_high": 1.1, "p_le_0": 0.2, "n": n, "n_boot": 100} for m in METHODS]
+    _write_json(paths.results / "counterfactual.json",
+                {"records": records, "summary": summary, "differences": differences})
     for t in range(n):
         changed = [np.clip(gen[t] + rng.normal(0, 0.3, gen[t].shape), -1, 1) for _ in methods]
         if mode == "panels":

@@ -112,6 +112,21 @@ def test_pixel_l2_and_summary():
         cf.pixel_l2(a, b[:2])
 
 
+def test_paired_differences_pair_methods_by_target():
+    recs = [{"target": t, "method": m, "pixel_l2": v, "clip_cos": None}
+            for t, row in zip((4, 5, 6), ((1.0, 2.0, 4.0), (2.0, 2.5, 5.0), (3.0, 3.5, 3.0)),
+                              strict=True)
+            for m, v in zip(("random", "trak", "dtrak"), row, strict=True)]
+    recs.append({"target": 7, "method": "dtrak", "pixel_l2": 9.0, "clip_cos": None})  # unpaired
+    diffs = {(d["a"], d["b"]): d for d in cf.paired_differences(recs, n_boot=200, seed=0)}
+    assert set(diffs) == {("trak", "random"), ("dtrak", "random"), ("dtrak", "trak")}
+    d = diffs["dtrak", "trak"]
+    assert d["metric"] == "pixel_l2" and d["n"] == 3  # target 7 has no trak record
+    assert d["diff"] == pytest.approx(np.median([4.0, 5.0, 3.0]) - np.median([2.0, 2.5, 3.5]))
+    assert d["ci_low"] <= d["diff"] <= d["ci_high"]
+    assert "dtrak - trak" in cf._table(cf.summarize(recs), list(diffs.values()))
+
+
 def test_same_seed_regenerates_the_identical_image(tiny_run):
     gen = np.load(tiny_run.paths.gen / "images.npy")
     model = tiny_run.model()
@@ -179,6 +194,8 @@ def test_stage_writes_results_panels_and_resumes(tiny_run, monkeypatch):
     assert all(r["pixel_l2"] > 0 and r["clip_cos"] is None for r in res["records"])
     assert {(s["method"], s["metric"], s["n"]) for s in res["summary"]} == {
         (m, "pixel_l2", 2) for m in ("random", "trak", "dtrak")}
+    assert {(d["a"], d["b"], d["n"]) for d in res["differences"]} == {
+        ("trak", "random", 2), ("dtrak", "random", 2), ("dtrak", "trak", 2)}
 
     # removal sets are the top 8 of the saved scores; each job trains on the rest
     trak = np.load(run.paths.scores("trak", "gen"))

@@ -315,3 +315,19 @@ def test_select_lambda_returns_the_predictions_it_scored():
             assert sel["weights"].shape == (12,)
             d = difference(sel["pred"], sel["pred"], actual, sel["weights"], n_boot=0)
             assert d["diff"] == 0
+
+
+def test_median_difference_is_a_paired_bootstrap_of_medians():
+    rng = np.random.default_rng(3)
+    b = rng.uniform(1, 3, 9)
+    a = b + rng.uniform(0.5, 1.5, 9)  # a beats b on every item
+    d = lds_mod.median_difference(a, b, n_boot=300, seed=7)
+    assert d["diff"] == pytest.approx(np.median(a) - np.median(b)) and d["n"] == 9
+    # oracle: the same draws, one resample at a time
+    idx = np.random.default_rng(7).integers(0, 9, size=(300, 9))
+    ref = [np.median(a[i]) - np.median(b[i]) for i in idx]
+    assert (d["ci_low"], d["ci_high"]) == pytest.approx(tuple(np.percentile(ref, [2.5, 97.5])))
+    assert d["ci_low"] > 0 and d["p_le_0"] == 0.0
+    assert np.isnan(lds_mod.median_difference(a, b, n_boot=0)["ci_low"])
+    with pytest.raises(ValueError, match="same non-empty 1-D"):
+        lds_mod.median_difference(a, b[:4])

@@ -127,6 +127,7 @@ def test_report_builds_counterfactual_strips_from_images(tmp_path):
     index = write_report(fake.root)  # no training images: galleries skipped
     assert (index.parent / "cf-target-0002.png").is_file()
     assert "galleries skipped" in index.read_text()
+    assert "difference of medians" in index.read_text()
 
 
 def test_gallery_checks_shapes_and_writes_png(tmp_path):

@@ -560,6 +560,14 @@ def _cf_section(rep: _Report) -> _Section:
         rows = ([figures.display_name(str(s.get("method"))), *(s.get(k) for k in keys[1:])]
                 for s in cf["summary"])
         parts.append(_table(keys, rows, "cf"))
+    if cf.get("differences"):
+        keys = ("difference of medians", "metric", "diff", "95% low", "95% high", "n")
+        rows = ([f'{figures.display_name(str(d.get("a")))} - '
+                 f'{figures.display_name(str(d.get("b")))}',
+                 *(d.get(k) for k in ("metric", "diff", "ci_low", "ci_high", "n"))]
+                for d in cf["differences"])
+        parts.append("<p>Paired bootstrap over targets: both medians of a resample come from "
+                     "the same targets.</p>" + _table(keys, rows, "cf-diff"))
     plots = [m for m in ("pixel_l2", "clip_cos") if any(r.get(m) is not None for r in records)]
     figs = [rep.figure(f"cf-{m}.png", f"{m} between each target and its counterfactual, per "
                        "method (one point per target).",

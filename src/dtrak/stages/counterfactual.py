@@ -21,7 +21,8 @@ Steps, each resumable (``RUN/counterfactual``):
 3. the regenerated target ``models/<job>/sample.npy`` ``[C, H, W]`` (kept beside the model it
    came from) and ``images/<method>/<XXXX>.png``;
 4. ``RUN/results/counterfactual.json`` (records per target and method, mean and median per
-   method and metric, settings), ``<metric>.png`` distribution plots and
+   method and metric, every pair of methods' difference of medians with a paired bootstrap
+   interval over targets, settings), ``<metric>.png`` distribution plots and
    ``panels/target-<XXXX>.png`` (the original, then each method's counterfactual).
 
 Scores are the rows of ``RUN/scores/<method>/gen.npy`` (the score stage's); a method whose
@@ -47,6 +48,7 @@ from ..config import Config, to_dict
 from ..families import ModelFamily
 from ..farm import TrainJob, load_jobs, same_job, save_jobs, train_jobs
 from ..images import save_png
+from ..lds import median_difference
 from ..methods import default_lambda, get_method
 from ..seeding import seed_from
 from .basic import train_images_file
@@ -191,10 +193,35 @@ def summarize(records: Sequence[Mapping]) -> list[dict]:
     return rows
 
 
-def _table(summary: Sequence[Mapping]) -> str:
+def paired_differences(records: Sequence[Mapping], n_boot: int, seed: int) -> list[dict]:
+    """Every later method's median minus every earlier one's (in the records' order), per
+    metric, over the targets both have a value for: paired bootstrap over targets
+    (:func:`~dtrak.lds.median_difference`)."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    rows = []
+    for metric in METRICS:
+        value = {(r["method"], r["target"]): r[metric] for r in records
+                 if r.get(metric) is not None}
+        for i, first in enumerate(methods):
+            for later in methods[i + 1:]:
+                both = sorted({t for m, t in value if m == first}
+                              & {t for m, t in value if m == later})
+                if both:
+                    d = median_difference([value[later, t] for t in both],
+                                          [value[first, t] for t in both], n_boot, seed)
+                    rows.append({"a": later, "b": first, "metric": metric, **d})
+    return rows
+
+
+def _table(summary: Sequence[Mapping], differences: Sequence[Mapping] = ()) -> str:
     lines = [f"{'method':<16}{'metric':<10}{'mean':>10}{'median':>10}{'n':>5}"]
     lines += [f"{s['method']:<16}{s['metric']:<10}{s['mean']:>10.4g}{s['median']:>10.4g}"
               f"{s['n']:>5}" for s in summary]
+    if differences:
+        lines.append("difference of medians, paired bootstrap over targets (95%):")
+        lines += [f"  {d['a']} - {d['b']:<10}{d['metric']:<10}{d['diff']:>+9.4g} "
+                  f"[{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]  n = {d['n']}"
+                  for d in differences]
     return "\n".join(lines)
 
 
@@ -378,6 +405,7 @@ def stage_counterfactual(run: Run) -> dict:
     records = counterfactual_records(originals, regenerated, targets,
                                      run.cfg.attribution.clip_path)
     summary = summarize(records)
+    differences = paired_differences(records, run.cfg.lds.n_boot, cf.seed)
     plots = _write_figures(root, originals, regenerated, targets, records, k)
 
     settings = {"n_targets": cf.n_targets, "remove": cf.remove, "k": k, "n_train": n_train,
@@ -389,9 +417,10 @@ def stage_counterfactual(run: Run) -> dict:
                 "seconds": time.time() - t0}
     run.paths.results.mkdir(parents=True, exist_ok=True)
     out = run.paths.results / "counterfactual.json"
-    out.write_text(json.dumps({"records": records, "summary": summary, "settings": settings},
+    out.write_text(json.dumps({"records": records, "summary": summary,
+                               "differences": differences, "settings": settings},
                               indent=2, default=float) + "\n")
-    table = _table(summary)
+    table = _table(summary, differences)
     log.info("counterfactual (k = %d of %d removed)\n%s", k, n_train, table)
     return {"results": str(out), "k": k, "targets": targets.tolist(),
             "table": table.splitlines(), "plots": [str(p) for p in plots]}
