@@ -272,6 +272,8 @@ def _embedding(m: nn.Embedding, h, x, dy, B, state=None):
     return {h.weight: w} if h.weight else {}
 
 
+# Each takes (module, layer, x, dy, B, state); ``state`` is what the forward hook kept for
+# the layer (a GroupNorm's mean and rstd, see group_stats), None for the other kinds.
 _EXACT = {"linear": _linear, "conv2d": _conv2d, "groupnorm": _groupnorm,
           "layernorm": _layernorm, "embedding": _embedding}
 
