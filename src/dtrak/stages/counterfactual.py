@@ -219,7 +219,7 @@ def _table(summary: Sequence[Mapping], differences: Sequence[Mapping] = ()) -> s
               f"{s['n']:>5}" for s in summary]
     if differences:
         lines.append("difference of medians, paired bootstrap over targets (95%):")
-        lines += [f"  {d['a']} - {d['b']:<10}{d['metric']:<10}{d['diff']:>+9.4g} "
+        lines += [f"  {d['a'] + ' - ' + d['b']:<24}{d['metric']:<10}{d['diff']:>+9.4g} "
                   f"[{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]  n = {d['n']}"
                   for d in differences]
     return "\n".join(lines)
