@@ -15,6 +15,7 @@ from dtrak import pipeline
 from dtrak.config import preset
 from dtrak.farm import LocalExecutor, load_jobs, run_job
 from dtrak.stages import counterfactual as cf
+from dtrak.stages.run import RESULT_NEUTRAL_KEYS
 from dtrak.train import train_model
 
 
@@ -81,6 +82,8 @@ def test_targets_are_a_seeded_choice():
         cf.choose_targets(5, 6, seed=42)
     # more targets later keep the earlier ones (and their finished retrainings)
     assert set(cf.choose_targets(100, 4, seed=42)) <= set(t)
+    # so a run takes a larger n_targets without --overwrite
+    assert "counterfactual.n_targets" in RESULT_NEUTRAL_KEYS
 
 
 def test_jobs_are_target_major(tiny_run):

@@ -66,7 +66,8 @@ RESULT_NEUTRAL_KEYS = frozenset({
     "attribution.batch_size", "attribution.gradients", "attribution.clip_path",
     "attribution.store_shard_rows", "influence.batch_size",
     "sampling.batch_size",
-    "counterfactual.methods", "runtime.device", "runtime.executor", "runtime.workers",
+    # more counterfactual targets keep the earlier ones (a prefix of one seeded permutation)
+    "counterfactual.methods", "counterfactual.n_targets", "runtime.device", "runtime.executor", "runtime.workers",
     "runtime.threads", "runtime.ray_address", "runtime.num_cpus", "runtime.num_gpus",
 })
 
