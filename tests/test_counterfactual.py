@@ -75,13 +75,13 @@ def test_random_removal_is_seeded_per_target_and_ignores_scores():
 
 def test_targets_are_a_seeded_choice():
     t = cf.choose_targets(100, 10, seed=42)
-    assert len(set(t)) == 10 and list(t) == sorted(t) and t.max() < 100
+    assert len(set(t)) == 10 and t.max() < 100
     np.testing.assert_array_equal(t, cf.choose_targets(100, 10, seed=42))
     assert not np.array_equal(t, cf.choose_targets(100, 10, seed=0))
     with pytest.raises(ValueError, match="n_targets"):
         cf.choose_targets(5, 6, seed=42)
     # more targets later keep the earlier ones (and their finished retrainings)
-    assert set(cf.choose_targets(100, 4, seed=42)) <= set(t)
+    np.testing.assert_array_equal(cf.choose_targets(100, 4, seed=42), t[:4])
     # so a run takes a larger n_targets without --overwrite
     assert "counterfactual.n_targets" in RESULT_NEUTRAL_KEYS
 

@@ -83,16 +83,17 @@ METRICS = ("pixel_l2", "clip_cos")
 
 
 def choose_targets(n_pool: int, n_targets: int, seed: int) -> np.ndarray:
-    """``[n_targets]`` distinct generated-image ids in ``0..n_pool-1``, ascending, seeded.
+    """``[n_targets]`` distinct generated-image ids in ``0..n_pool-1``, seeded, in draw order.
 
     The first ``n_targets`` of one seeded permutation: raising ``n_targets`` later keeps the
-    targets (and the finished retrainings) of the smaller run."""
+    targets (and the finished retrainings) of the smaller run, and a run stopped part-way has
+    finished the jobs of a smaller ``n_targets`` (jobs follow this order)."""
     if not 1 <= n_targets <= n_pool:
         raise ValueError(f"counterfactual.n_targets = {n_targets}, but only {n_pool} scored "
                          "generated images exist; lower it, or generate and score more images "
                          "(sampling.n_images, attribution.n_targets)")
     rng = np.random.default_rng(seed_from(seed, "counterfactual-targets"))
-    return np.sort(rng.permutation(n_pool)[:n_targets])
+    return rng.permutation(n_pool)[:n_targets]
 
 
 def top_k_removal(scores: np.ndarray, targets: Sequence[int] | np.ndarray, k: int) -> np.ndarray:
@@ -238,7 +239,8 @@ def counterfactual_jobs(run: Run, targets: Sequence[int] | np.ndarray,
 
     ``removed[method]`` is ``[T, k]`` (row i belongs to ``targets[i]``). Every model is
     trained with ``counterfactual.seed`` (batch order, dropout, initialisation and noise).
-    Target-major: a run stopped part-way has every method of its first targets.
+    Target-major, in the targets' (draw) order: a run stopped part-way has every method of
+    its first targets.
     """
     cfg = run.cfg
     images = str(train_images_file(run))
