@@ -67,7 +67,8 @@ RESULT_NEUTRAL_KEYS = frozenset({
     "attribution.store_shard_rows", "influence.batch_size",
     "sampling.batch_size",
     # more counterfactual targets keep the earlier ones (a prefix of one seeded permutation)
-    "counterfactual.methods", "counterfactual.n_targets", "runtime.device", "runtime.executor", "runtime.workers",
+    "counterfactual.methods", "counterfactual.n_targets",
+    "runtime.device", "runtime.executor", "runtime.workers",
     "runtime.threads", "runtime.ray_address", "runtime.num_cpus", "runtime.num_gpus",
 })
 
